@@ -1,0 +1,27 @@
+"""Read and write parameters whole, whether plain tensors or FSDP2 shards.
+
+Fusion and operator resets happen outside forward, where FSDP2 parameters are
+sharded DTensors. Every rank computes the same full value, then keeps its shard.
+"""
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (all-gathered if it is a DTensor), detached."""
+    if isinstance(t, DTensor):
+        return t.detach().full_tensor()
+    return t.detach()
+
+
+@torch.no_grad()
+def assign_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full ``value`` into ``param`` in place, keeping only the local shard."""
+    if isinstance(param, DTensor):
+        local = distribute_tensor(
+            value.to(param.dtype), param.device_mesh, param.placements
+        ).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(value)

@@ -1,0 +1,311 @@
+"""Apply APEX to a torchtune ``TransformerDecoder``, fuse it back, and report its size.
+
+Works on decoders whose layers hold a ``MultiHeadAttention`` (``attn``) and a
+SwiGLU ``FeedForward`` (``mlp`` with w1, w2, w3): torchtune's Llama 2,
+Llama 3/3.1/3.2 and Qwen2/2.5 builders. Under GQA a head unit is a KV group:
+one V head and the ``num_heads // num_kv_heads`` output_proj column slices
+that read it.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torchtune.modules import FeedForward, MultiHeadAttention
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from apex_tune.layers import ApexColumnLinear, ApexExpansion, ApexRowLinear, _ApexLinear
+from apex_tune.selection import LayerSelection, UnitSelection
+from apex_tune.settings import ApexSettings
+
+HEADS, CHANNELS = "heads", "channels"
+EMBEDDING_PARAMS = ("tok_embeddings.weight", "output.weight")
+
+
+@dataclass
+class ApexLayer:
+    """The attention and FFN of one decoder layer, with their unit geometry."""
+
+    index: int
+    attn: MultiHeadAttention
+    mlp: FeedForward
+
+    @property
+    def num_head_units(self) -> int:
+        return self.attn.num_kv_heads
+
+    @property
+    def heads_per_unit(self) -> int:
+        return self.attn.num_heads // self.attn.num_kv_heads
+
+    @property
+    def num_channel_units(self) -> int:
+        return self.mlp.w1.out_features
+
+    def num_units(self, kind: str) -> int:
+        return self.num_head_units if kind == HEADS else self.num_channel_units
+
+    def expansion(self, kind: str) -> Optional[ApexExpansion]:
+        owner = self.attn if kind == HEADS else self.mlp
+        return getattr(owner, "apex_expansion", None)
+
+
+def find_apex_layers(model: nn.Module) -> List[ApexLayer]:
+    """The decoder layers APEX can expand; a clear error if there are none or one is malformed."""
+    layers = getattr(model, "layers", None)
+    found = []
+    for i, layer in enumerate(layers or []):
+        attn, mlp = getattr(layer, "attn", None), getattr(layer, "mlp", None)
+        if not isinstance(attn, MultiHeadAttention) or not isinstance(mlp, FeedForward):
+            continue
+        if mlp.w3 is None:
+            raise ValueError(f"layer {i}: APEX needs a gated (SwiGLU) FeedForward with w3")
+        if attn.num_heads % attn.num_kv_heads != 0:
+            raise ValueError(
+                f"layer {i}: num_heads={attn.num_heads} is not a multiple of "
+                f"num_kv_heads={attn.num_kv_heads}"
+            )
+        for name, features in (
+            ("v_proj", attn.v_proj.out_features),
+            ("k_proj", attn.k_proj.out_features),
+        ):
+            if features != attn.num_kv_heads * attn.head_dim:
+                raise ValueError(
+                    f"layer {i}: attn.{name} has {features} outputs, expected "
+                    f"num_kv_heads * head_dim = {attn.num_kv_heads} * {attn.head_dim}"
+                )
+        if attn.output_proj.in_features != attn.num_heads * attn.head_dim:
+            raise ValueError(
+                f"layer {i}: attn.output_proj has {attn.output_proj.in_features} inputs, "
+                f"expected num_heads * head_dim = {attn.num_heads} * {attn.head_dim}"
+            )
+        found.append(ApexLayer(i, attn, mlp))
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no layers APEX supports: it needs "
+            "model.layers[i].attn (torchtune MultiHeadAttention) and "
+            "model.layers[i].mlp (torchtune FeedForward with w1, w2, w3), as built by "
+            "torchtune's Llama 2, Llama 3.x and Qwen2.5 builders"
+        )
+    return found
+
+
+def _linear(module: nn.Module) -> nn.Module:
+    if not isinstance(module, (nn.Linear, _ApexLinear)):
+        raise ValueError(
+            f"APEX wraps plain nn.Linear projections, found {type(module).__name__}"
+        )
+    return module
+
+
+def apply_apex(
+    model: nn.Module,
+    settings: ApexSettings,
+    selection: Optional[Sequence[LayerSelection]] = None,
+) -> nn.Module:
+    """Wrap every supported layer's projections with APEX expansion wrappers, in place.
+
+    With ``selection=None`` the units are placeholders (the wrapped model still
+    computes the base model exactly, since M = 0); assess, then call
+    :func:`set_selection`. Works on the meta device.
+    """
+    layers = find_apex_layers(model)
+    for layer in layers:
+        if layer.expansion(HEADS) is not None:
+            raise ValueError(f"layer {layer.index} is already wrapped with APEX")
+        attn, mlp = layer.attn, layer.mlp
+        hd, group = attn.head_dim, layer.heads_per_unit
+        device, dtype = attn.v_proj.weight.device, attn.v_proj.weight.dtype
+
+        k_heads = settings.expanded_units(layer.num_head_units, HEADS)
+        e_heads = settings.extra_units(layer.num_head_units, HEADS)
+        heads = ApexExpansion(k_heads, e_heads, hd, device=device, dtype=dtype)
+        tuned_heads = 2 * k_heads + e_heads
+        attn.apex_expansion = heads
+        if settings.delta:
+            attn.q_proj = ApexColumnLinear(_linear(attn.q_proj), tuned_heads, group * hd, delta=True)
+            attn.k_proj = ApexColumnLinear(_linear(attn.k_proj), tuned_heads, hd, delta=True)
+        attn.v_proj = ApexColumnLinear(_linear(attn.v_proj), tuned_heads, hd, heads, settings.delta)
+        attn.output_proj = ApexRowLinear(
+            _linear(attn.output_proj), tuned_heads, group, hd, heads, settings.delta
+        )
+
+        k_ch = settings.expanded_units(layer.num_channel_units, CHANNELS)
+        e_ch = settings.extra_units(layer.num_channel_units, CHANNELS)
+        channels = ApexExpansion(k_ch, e_ch, 1, device=device, dtype=dtype)
+        tuned_ch = 2 * k_ch + e_ch
+        mlp.apex_expansion = channels
+        mlp.w1 = ApexColumnLinear(_linear(mlp.w1), tuned_ch, 1, channels, settings.delta)
+        mlp.w3 = ApexColumnLinear(_linear(mlp.w3), tuned_ch, 1, channels, settings.delta)
+        mlp.w2 = ApexRowLinear(_linear(mlp.w2), tuned_ch, 1, 1, channels, settings.delta)
+    if selection is not None:
+        set_selection(model, selection)
+    return model
+
+
+def _wrappers(layer: ApexLayer, kind: str) -> Iterator[_ApexLinear]:
+    names = ("q_proj", "k_proj", "v_proj", "output_proj") if kind == HEADS else ("w1", "w3", "w2")
+    owner = layer.attn if kind == HEADS else layer.mlp
+    for name in names:
+        module = getattr(owner, name)
+        if isinstance(module, _ApexLinear):
+            yield module
+
+
+def _wrapped_layers(model: nn.Module) -> List[ApexLayer]:
+    layers = [layer for layer in find_apex_layers(model) if layer.expansion(HEADS) is not None]
+    if not layers:
+        raise ValueError("the model is not wrapped with APEX: call apply_apex first")
+    return layers
+
+
+def get_selection(model: nn.Module) -> List[LayerSelection]:
+    """The P/N/E sets the wrapped model currently uses."""
+    selections = []
+    for layer in _wrapped_layers(model):
+        per_kind = {
+            kind: UnitSelection.from_ordered(
+                layer.expansion(kind).units.cpu(), layer.expansion(kind).num_expanded
+            )
+            for kind in (HEADS, CHANNELS)
+        }
+        selections.append(LayerSelection(**per_kind))
+    return selections
+
+
+def set_selection(model: nn.Module, selection: Sequence[LayerSelection]) -> None:
+    """Point every wrapper at new P/N/E sets (same sizes: shapes never change)."""
+    layers = _wrapped_layers(model)
+    if len(selection) != len(layers):
+        raise ValueError(f"selection covers {len(selection)} layers, the model has {len(layers)}")
+    for layer, layer_sel in zip(layers, selection):
+        for kind in (HEADS, CHANNELS):
+            units_sel: UnitSelection = getattr(layer_sel, kind)
+            units = units_sel.ordered()
+            expansion = layer.expansion(kind)
+            if len(units) != len(expansion.units) or len(units_sel.disadvantageous) != expansion.num_expanded:
+                raise ValueError(
+                    f"layer {layer.index} {kind}: selection sizes (P {len(units_sel.advantageous)}, "
+                    f"N {len(units_sel.disadvantageous)}, E {len(units_sel.extra)}) do not match "
+                    f"the wrapped sizes (K {expansion.num_expanded}, E {expansion.num_extra})"
+                )
+            if len(set(units.tolist())) != len(units) or units.min() < 0 or units.max() >= layer.num_units(kind):
+                raise ValueError(f"layer {layer.index} {kind}: P, N, E must be disjoint unit ids")
+            expansion.units.copy_(units.to(expansion.units.device))
+            for wrapper in _wrappers(layer, kind):
+                wrapper.set_units(units)
+
+
+def reset_apex_parameters(model: nn.Module, seed: int = 0) -> None:
+    """Fresh operators everywhere (M = 0, a = b = 1, delta = 0), reproducibly from ``seed``."""
+    for layer in _wrapped_layers(model):
+        for kind_id, kind in enumerate((HEADS, CHANNELS)):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index * 2 + kind_id)
+            layer.expansion(kind).reset_parameters(generator)
+            for wrapper in _wrappers(layer, kind):
+                wrapper.reset_parameters()
+
+
+@torch.no_grad()
+def merge_apex_(model: nn.Module, seed: int = 0) -> None:
+    """Stage boundary: fold W' (with delta) into the base weights, then reset the operators.
+
+    The model keeps its wrappers and computes the same function before and after.
+    """
+    for layer in _wrapped_layers(model):
+        for kind in (HEADS, CHANNELS):
+            for wrapper in _wrappers(layer, kind):
+                wrapper.merge_()
+    reset_apex_parameters(model, seed)
+
+
+@torch.no_grad()
+def fuse_apex(model: nn.Module) -> nn.Module:
+    """Fold the operators into the weights and remove every wrapper, in place.
+
+    The result is the plain base architecture: its state dict has exactly the
+    base model's keys and shapes.
+    """
+    for layer in _wrapped_layers(model):
+        for kind in (HEADS, CHANNELS):
+            for wrapper in _wrappers(layer, kind):
+                wrapper.merge_()
+        for owner, names in ((layer.attn, ("q_proj", "k_proj", "v_proj", "output_proj")), (layer.mlp, ("w1", "w3", "w2"))):
+            for name in names:
+                module = getattr(owner, name)
+                if isinstance(module, _ApexLinear):
+                    setattr(owner, name, _plain_linear(module))
+            del owner.apex_expansion
+    return model
+
+
+def _plain_linear(wrapper: _ApexLinear) -> nn.Linear:
+    linear = nn.Linear(wrapper.in_features, wrapper.out_features, bias=wrapper.bias is not None, device="meta")
+    linear.weight = wrapper.weight
+    if wrapper.bias is not None:
+        linear.bias = wrapper.bias
+    return linear
+
+
+def apex_trainable_params(model: nn.Module, settings: ApexSettings) -> Dict[str, nn.Parameter]:
+    """Name -> parameter of everything APEX trains (operators, vectors, deltas, embeddings)."""
+    params = get_adapter_params(model)
+    if settings.train_embeddings:
+        named = dict(model.named_parameters())
+        for name in EMBEDDING_PARAMS:
+            if name in named:
+                params[name] = named[name]
+    return params
+
+
+def set_apex_trainable(model: nn.Module, settings: ApexSettings) -> None:
+    """Freeze the base model; train only what :func:`apex_trainable_params` names."""
+    set_trainable_params(model, apex_trainable_params(model, settings))
+
+
+def param_kind(name: str) -> str:
+    """Report bucket of a parameter name."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("L1", "L2"):
+        return "operators"
+    if leaf in ("a", "b"):
+        return "vectors"
+    if leaf == "delta":
+        return "deltas"
+    if name in EMBEDDING_PARAMS:
+        return "embeddings"
+    return "base"
+
+
+def trainable_parameter_report(model: nn.Module) -> dict:
+    """Counts of all and of trainable parameters, by kind; works on the meta device.
+
+    Kinds: operators (Monarch L1, L2), vectors (a, b), deltas, embeddings
+    (token embeddings and output head), base (anything else). The base total
+    excludes APEX's own parameters, so ``trainable_fraction`` is relative to the
+    plain model that fusion gives back.
+    """
+    by_kind = {k: {"total": 0, "trainable": 0} for k in ("operators", "vectors", "deltas", "embeddings", "base")}
+    for name, param in model.named_parameters():  # shared parameters are listed once
+        kind = param_kind(name)
+        by_kind[kind]["total"] += param.numel()
+        if param.requires_grad:
+            by_kind[kind]["trainable"] += param.numel()
+    base_total = by_kind["base"]["total"] + by_kind["embeddings"]["total"]
+    trainable = sum(v["trainable"] for v in by_kind.values())
+    per_layer = {}
+    layers = [layer for layer in find_apex_layers(model) if layer.expansion(HEADS) is not None]
+    if layers:
+        first = layers[0]
+        per_layer = {
+            f"{kind}_operator_params": sum(p.numel() for p in first.expansion(kind).monarch.parameters())
+            for kind in (HEADS, CHANNELS)
+        }
+    return {
+        "base_params": base_total,
+        "trainable_params": trainable,
+        "trainable_fraction": trainable / base_total if base_total else 0.0,
+        "by_kind": by_kind,
+        "per_layer": per_layer,
+    }

@@ -1,0 +1,107 @@
+"""Square Monarch matrices: M = P^T . BD(L2) . P . BD(L1).
+
+BD(L) is block-diagonal with ``nblocks`` blocks of ``block_size x block_size``
+(``nblocks * block_size == n``); P is the reshape-transpose permutation that
+views a length-n vector as ``(nblocks, block_size)`` and reads it back
+column-major. Applying M costs two batched matmuls, O(n sqrt(n)) per vector,
+and never builds the dense n x n matrix; :meth:`MonarchMatrix.to_dense` exists
+for fusion checks and tests.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from apex_tune._dtensor import assign_
+
+
+def nearest_sqrt_divisor(n: int) -> int:
+    """The divisor of ``n`` closest to sqrt(n); the smaller one on a tie.
+
+    The smaller divisor is never farther from sqrt(n) than its cofactor, so the
+    result ``b`` always satisfies ``b <= n // b``.
+    """
+    if n < 1:
+        raise ValueError(f"Monarch size must be positive, got {n}")
+    root = math.sqrt(n)
+    best = 1
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0 and abs(d - root) <= abs(best - root):
+            best = d
+    return best
+
+
+def monarch_layout(n: int) -> tuple[int, int, int]:
+    """Choose ``(padded_n, nblocks, block_size)`` for an n x n Monarch matrix.
+
+    As in the APEX reference, ``nblocks`` is the divisor of n closest to sqrt(n),
+    with no padding. Only where that divisor is degenerate (prime or nearly-prime
+    n, where it is below sqrt(n) / 2 and the factors would approach two dense
+    n x n blocks) is n padded up to the next size with a balanced divisor. The
+    padding rows/columns are never read back, so M restricted to n is exact.
+    """
+    padded = n
+    while True:
+        nblocks = nearest_sqrt_divisor(padded)
+        if padded <= 3 or nblocks * 2 >= math.isqrt(padded):
+            return padded, nblocks, padded // nblocks
+        padded += 1
+
+
+class MonarchMatrix(nn.Module):
+    """A trainable square Monarch matrix acting on the last dimension.
+
+    ``forward(x)`` returns ``x @ M.T`` (M applied to every length-n row of x).
+    At init ``L1`` is Kaiming-uniform and ``L2`` is zero, so M == 0.
+
+    Args:
+        n (int): size of the square matrix.
+    """
+
+    def __init__(self, n: int, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.n = n
+        self.padded_n, self.nblocks, self.block_size = monarch_layout(n)
+        shape = (self.nblocks, self.block_size, self.block_size)
+        self.L1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.L2 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """L1 Kaiming-uniform (a = sqrt(5), fan-in = block size), L2 = 0, so M = 0."""
+        if self.L1.is_meta:
+            return
+        bound = 1.0 / math.sqrt(self.block_size)
+        values = torch.rand(self.L1.shape, generator=generator, dtype=torch.float32)
+        assign_(self.L1, ((values * 2 - 1) * bound).to(self.L1.device))
+        assign_(self.L2, torch.zeros(self.L2.shape, device=self.L2.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        b, p = self.nblocks, self.block_size
+        if self.padded_n != self.n:
+            x = nn.functional.pad(x, (0, self.padded_n - self.n))
+        # (blocks, rows, p) so each block is one bmm batch entry.
+        h = x.reshape(-1, b, p).transpose(0, 1)
+        h = torch.bmm(h, self.L1.transpose(1, 2))
+        # P: read the (b, p) grid column-major, i.e. transpose to (p, b) and
+        # regroup into b blocks of p. Each new block then mixes all old blocks.
+        rows = h.shape[1]
+        h = h.transpose(0, 1).transpose(1, 2).reshape(rows, b, p)
+        h = torch.bmm(h.transpose(0, 1), self.L2.transpose(1, 2))
+        # P^T: undo the regrouping.
+        h = h.transpose(0, 1).reshape(rows, p, b).transpose(1, 2).reshape(rows, self.padded_n)
+        if self.padded_n != self.n:
+            h = h[:, : self.n]
+        return h.reshape(*lead, self.n)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense n x n matrix M (for fusion checks and tests, not the hot path)."""
+        eye = torch.eye(self.n, device=self.L1.device, dtype=self.L1.dtype)
+        return self(eye).T
+
+    def extra_repr(self) -> str:
+        pad = f", padded_n={self.padded_n}" if self.padded_n != self.n else ""
+        return f"n={self.n}, nblocks={self.nblocks}, block_size={self.block_size}{pad}"

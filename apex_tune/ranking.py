@@ -1,0 +1,192 @@
+"""Activation ranking: the relative Top-K / Min-K scores that choose P and N.
+
+Per micro-batch and layer:
+- head unit score: the L2 norm, over the counted tokens, of the attention output
+  of the unit's heads, read by a forward pre-hook on ``output_proj`` (its input is
+  the concatenated head outputs, so attention itself is untouched);
+- channel score: the L2 norm of the gate activation ``act(w1 x)[:, c]``, read by
+  a forward hook on each layer's own ``w1`` (torchtune shares one activation
+  module across layers, so it cannot be hooked per layer).
+
+Each micro-batch adds +1 to the K highest units and -1 to the K lowest. Tokens
+are counted where ``mask`` is true (pass the positions the loss trains on, so
+padding and ignored positions are excluded).
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from apex_tune.model import CHANNELS, HEADS, ApexLayer, find_apex_layers
+from apex_tune.selection import LayerSelection, select_units
+from apex_tune.settings import ApexSettings
+
+
+class ActivationRanker:
+    """Accumulates relative activation scores for every APEX layer of ``model``.
+
+    Call :meth:`attach`, then :meth:`begin_microbatch` (with the token mask)
+    before each forward. Hooks record once per layer per micro-batch, so
+    activation checkpointing's recomputed forward is not counted twice. Detached,
+    the model carries no hooks at all.
+    """
+
+    def __init__(self, model: nn.Module, settings: ApexSettings):
+        self.settings = settings
+        self.layers: List[ApexLayer] = find_apex_layers(model)
+        self._handles = []
+        self._mask: Optional[torch.Tensor] = None
+        self._microbatch = 0
+        self._recorded: Dict[tuple, int] = {}
+        self.relative: Dict[str, List[torch.Tensor]] = {}
+        self.activation: Dict[str, List[torch.Tensor]] = {}
+        self.num_microbatches = 0
+        self.reset()
+
+    # --- lifecycle -------------------------------------------------------
+    def attach(self) -> "ActivationRanker":
+        if self._handles:
+            return self
+        for pos, layer in enumerate(self.layers):
+            self._handles.append(
+                layer.attn.output_proj.register_forward_pre_hook(self._head_hook(pos, layer))
+            )
+            self._handles.append(layer.mlp.w1.register_forward_hook(self._channel_hook(pos, layer)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def reset(self) -> None:
+        """Forget the accumulated scores (start of a stage)."""
+        self.relative = {
+            kind: [torch.zeros(layer.num_units(kind), dtype=torch.float64) for layer in self.layers]
+            for kind in (HEADS, CHANNELS)
+        }
+        self.activation = {
+            kind: [torch.zeros(layer.num_units(kind), dtype=torch.float64) for layer in self.layers]
+            for kind in (HEADS, CHANNELS)
+        }
+        self.num_microbatches = 0
+        self._recorded.clear()
+
+    def begin_microbatch(self, mask: Optional[torch.Tensor] = None) -> None:
+        """Start a micro-batch; ``mask`` (batch, seq) marks the tokens to count (None: all)."""
+        self._mask = mask
+        self._microbatch += 1
+        self.num_microbatches += 1
+
+    # --- hooks -----------------------------------------------------------
+    def _unit_norms(self, h: torch.Tensor, num_units: int) -> torch.Tensor:
+        """L2 norm per unit of ``h`` (batch, seq, units * unit_width) over counted tokens."""
+        h = h.detach().float()
+        if self._mask is not None:
+            mask = self._mask.to(device=h.device, dtype=h.dtype)
+            sq = torch.einsum("bs,bsd->d", mask, h.square())
+        else:
+            sq = h.square().sum(dim=tuple(range(h.dim() - 1)))
+        return sq.view(num_units, -1).sum(-1).sqrt()
+
+    def _record(self, kind: str, pos: int, norms: torch.Tensor) -> None:
+        key = (kind, pos)
+        if self._recorded.get(key) == self._microbatch:
+            return  # recomputation under activation checkpointing
+        self._recorded[key] = self._microbatch
+        k = self.settings.expanded_units(norms.numel(), kind)
+        norms = norms.double()
+        # Stay on the activations' device: no host sync on the training hot path.
+        if self.relative[kind][pos].device != norms.device:
+            self.relative[kind][pos] = self.relative[kind][pos].to(norms.device)
+            self.activation[kind][pos] = self.activation[kind][pos].to(norms.device)
+        order = torch.argsort(norms, stable=True)
+        step = torch.zeros_like(norms)
+        step[order[-k:]] += 1
+        step[order[:k]] -= 1
+        self.relative[kind][pos] += step
+        self.activation[kind][pos] += norms
+
+    def _head_hook(self, pos: int, layer: ApexLayer):
+        def hook(module, args):
+            self._record(HEADS, pos, self._unit_norms(args[0], layer.num_head_units))
+
+        return hook
+
+    def _channel_hook(self, pos: int, layer: ApexLayer):
+        activation = layer.mlp.activation
+
+        def hook(module, args, output):
+            with torch.no_grad():
+                gate = activation(output.detach())
+            self._record(CHANNELS, pos, self._unit_norms(gate, layer.num_channel_units))
+
+        return hook
+
+    # --- results ---------------------------------------------------------
+    def all_reduce(self) -> None:
+        """Sum the scores over data-parallel ranks (no-op outside torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        for store in (self.relative, self.activation):
+            for kind in (HEADS, CHANNELS):
+                flat = torch.cat([t.to(backend_device) for t in store[kind]])
+                dist.all_reduce(flat)
+                store[kind] = list(flat.cpu().split([t.numel() for t in store[kind]]))
+        count = torch.tensor([self.num_microbatches], device=backend_device)
+        dist.all_reduce(count)
+        self.num_microbatches = int(count.item())
+
+    def select(
+        self,
+        ratio: Optional[float] = None,
+        tuned_ratio_heads: Optional[float] = None,
+        tuned_ratio_channels: Optional[float] = None,
+    ) -> List[LayerSelection]:
+        """P, N, E per layer from the accumulated scores.
+
+        Defaults come from the settings the ranker was built with; the sizes
+        match what :func:`apex_tune.apply_apex` builds for those settings.
+        """
+        if self.num_microbatches == 0:
+            raise RuntimeError("no micro-batch was scored: run forward passes after attach()")
+        settings = self.settings
+        if ratio is not None or tuned_ratio_heads is not None or tuned_ratio_channels is not None:
+            settings = ApexSettings(
+                ratio=ratio if ratio is not None else settings.ratio,
+                tuned_ratio_heads=tuned_ratio_heads if tuned_ratio_heads is not None else settings.tuned_ratio_heads,
+                tuned_ratio_channels=tuned_ratio_channels if tuned_ratio_channels is not None else settings.tuned_ratio_channels,
+                delta=settings.delta,
+                train_embeddings=settings.train_embeddings,
+            )
+        selections = []
+        for pos, layer in enumerate(self.layers):
+            per_kind = {}
+            for kind in (HEADS, CHANNELS):
+                n = layer.num_units(kind)
+                per_kind[kind] = select_units(
+                    self.relative[kind][pos].cpu(),
+                    settings.expanded_units(n, kind),
+                    settings.extra_units(n, kind),
+                    tiebreak=self.activation[kind][pos].cpu(),
+                )
+            selections.append(LayerSelection(**per_kind))
+        return selections
+
+    def scores(self) -> dict:
+        """Per-layer relative scores and mean activation norms, for logs."""
+        count = max(self.num_microbatches, 1)
+        return {
+            kind: [
+                {"relative": r.cpu().tolist(), "mean_norm": (a.cpu() / count).tolist()}
+                for r, a in zip(self.relative[kind], self.activation[kind])
+            ]
+            for kind in (HEADS, CHANNELS)
+        }

@@ -1,0 +1,73 @@
+"""P / N / E unit sets per layer, chosen from relative Top-K / Min-K scores."""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class UnitSelection:
+    """One layer's units of one kind: P (advantageous), N (disadvantageous), E (extra tuned)."""
+
+    advantageous: torch.Tensor
+    disadvantageous: torch.Tensor
+    extra: torch.Tensor
+
+    def ordered(self) -> torch.Tensor:
+        """Unit ids in the order the wrappers lay them out: [N, P, E]."""
+        return torch.cat([self.disadvantageous, self.advantageous, self.extra])
+
+    @classmethod
+    def from_ordered(cls, units: torch.Tensor, num_expanded: int) -> "UnitSelection":
+        k = num_expanded
+        return cls(advantageous=units[k : 2 * k], disadvantageous=units[:k], extra=units[2 * k :])
+
+    def to_dict(self) -> Dict[str, List[int]]:
+        return {
+            "P": self.advantageous.tolist(),
+            "N": self.disadvantageous.tolist(),
+            "E": self.extra.tolist(),
+        }
+
+
+@dataclass
+class LayerSelection:
+    heads: UnitSelection
+    channels: UnitSelection
+
+    def to_dict(self) -> dict:
+        return {"heads": self.heads.to_dict(), "channels": self.channels.to_dict()}
+
+
+def select_units(
+    relative_score: torch.Tensor,
+    num_expanded: int,
+    num_extra: int,
+    tiebreak: Optional[torch.Tensor] = None,
+) -> UnitSelection:
+    """P = the K highest scores, N = the K lowest, E = the next-lowest ``num_extra``.
+
+    Ties in the integer relative score are broken by ``tiebreak`` (the summed
+    activation norms), then by unit id, so every rank picks the same sets.
+    """
+    n = relative_score.numel()
+    if 2 * num_expanded + num_extra > n:
+        raise ValueError(
+            f"cannot select 2 * {num_expanded} + {num_extra} units out of {n}"
+        )
+    key = relative_score.double().cpu()
+    if tiebreak is not None:
+        # Relative scores are integers; a fraction in [0, 1) orders within them.
+        tb = tiebreak.double().cpu()
+        span = tb.max() - tb.min()
+        key = key + (0.5 * (tb - tb.min()) / span if span > 0 else 0.0)
+    order = torch.sort(key, stable=True).indices  # ascending, stable: low id first on ties
+    disadvantageous = order[:num_expanded]
+    extra = order[num_expanded : num_expanded + num_extra]
+    advantageous = order[n - num_expanded :].flip(0)
+    return UnitSelection(
+        advantageous=advantageous.sort().values,
+        disadvantageous=disadvantageous.sort().values,
+        extra=extra.sort().values,
+    )
