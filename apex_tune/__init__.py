@@ -7,6 +7,9 @@ from apex_tune.model import (
     find_apex_layers,
     fuse_apex,
     get_selection,
+    init_apex_,
+    placeholder_selection,
+    random_selection,
     merge_apex_,
     reset_apex_parameters,
     set_apex_trainable,
@@ -16,13 +19,14 @@ from apex_tune.model import (
 from apex_tune.monarch import MonarchMatrix, monarch_layout
 from apex_tune.ranking import ActivationRanker
 from apex_tune.selection import LayerSelection, UnitSelection, select_units
-from apex_tune.settings import ApexSettings
+from apex_tune.settings import ApexSchedule, ApexSettings, parse_apex_config
 
 __all__ = [
     "ActivationRanker",
     "ApexColumnLinear",
     "ApexExpansion",
     "ApexRowLinear",
+    "ApexSchedule",
     "ApexSettings",
     "LayerSelection",
     "MonarchMatrix",
@@ -32,8 +36,12 @@ __all__ = [
     "find_apex_layers",
     "fuse_apex",
     "get_selection",
+    "init_apex_",
+    "placeholder_selection",
+    "random_selection",
     "merge_apex_",
     "monarch_layout",
+    "parse_apex_config",
     "reset_apex_parameters",
     "select_units",
     "set_apex_trainable",

@@ -61,9 +61,11 @@ class ApexExpansion(nn.Module):
         n = num_expanded * width
         self.monarch = MonarchMatrix(n, device=device, dtype=dtype)
         self.a = nn.Parameter(torch.ones(n, device=device, dtype=dtype))
-        # [N, P, E] unit ids; a placeholder selection until set_units is called.
+        # [N, P, E] unit ids; a placeholder selection until set_selection is called.
+        # Not in the state dict: recipes save the selection on its own, so the
+        # wrapped state dict is parameters only (what FSDP2 loaders expect).
         self.register_buffer(
-            "units", torch.arange(2 * num_expanded + num_extra, device=device)
+            "units", torch.arange(2 * num_expanded + num_extra, device=device), persistent=False
         )
 
     @property
@@ -96,7 +98,9 @@ class _ApexLinear(nn.Module):
             self.bias.requires_grad_(False)
         device = base.weight.device
         self.register_buffer(
-            "positions", torch.arange(num_tuned * group * width, device=device)
+            "positions",
+            unit_positions(torch.arange(num_tuned, device=device), group, width),
+            persistent=False,
         )
         delta_shape = (
             (len(self.positions), self.in_features) if dim == 0 else (self.out_features, len(self.positions))
@@ -238,12 +242,14 @@ class ApexRowLinear(_ApexLinear):
         if delta is not None:
             columns = columns + delta
         exp = self.expansion
-        out, g = columns.shape[0], self.group
-        span = g * exp.n
-        disadvantageous = columns[:, :span].view(out, g, exp.n)
-        advantageous = columns[:, span : 2 * span].view(out, g, exp.n)
+        out, g, n = columns.shape[0], self.group, exp.n
+        # The tuned columns are laid out (group, units, width) (see unit_positions):
+        # view them per group slice, each slice ordered [N, P, E] like M mixes.
+        grouped = columns.reshape(out, g, -1)
+        disadvantageous = grouped[..., :n]
+        advantageous = grouped[..., n : 2 * n]
         mixed = disadvantageous * exp.a + exp.monarch(advantageous)
-        return torch.cat([mixed.reshape(out, span), columns[:, span:]], dim=1)
+        return torch.cat([mixed, grouped[..., n:]], dim=-1).reshape(out, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)

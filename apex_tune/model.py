@@ -190,11 +190,56 @@ def set_selection(model: nn.Module, selection: Sequence[LayerSelection]) -> None
                     f"N {len(units_sel.disadvantageous)}, E {len(units_sel.extra)}) do not match "
                     f"the wrapped sizes (K {expansion.num_expanded}, E {expansion.num_extra})"
                 )
-            if len(set(units.tolist())) != len(units) or units.min() < 0 or units.max() >= layer.num_units(kind):
+            if len(set(units.tolist())) != len(units) or min(units.tolist()) < 0 or max(units.tolist()) >= layer.num_units(kind):
                 raise ValueError(f"layer {layer.index} {kind}: P, N, E must be disjoint unit ids")
             expansion.units.copy_(units.to(expansion.units.device))
             for wrapper in _wrappers(layer, kind):
                 wrapper.set_units(units)
+
+
+def placeholder_selection(model: nn.Module) -> List[LayerSelection]:
+    """Units 0, 1, 2, ... as [N, P, E]: the selection a freshly wrapped model starts with."""
+    selections = []
+    for layer in _wrapped_layers(model):
+        per_kind = {}
+        for kind in (HEADS, CHANNELS):
+            expansion = layer.expansion(kind)
+            units = torch.arange(len(expansion.units))
+            per_kind[kind] = UnitSelection.from_ordered(units, expansion.num_expanded)
+        selections.append(LayerSelection(**per_kind))
+    return selections
+
+
+def random_selection(model: nn.Module, generator: torch.Generator) -> List[LayerSelection]:
+    """Uniformly random P/N/E of the wrapped sizes (the ablation of activation ranking)."""
+    selections = []
+    for layer in _wrapped_layers(model):
+        per_kind = {}
+        for kind in (HEADS, CHANNELS):
+            expansion = layer.expansion(kind)
+            units = torch.randperm(layer.num_units(kind), generator=generator)[: len(expansion.units)]
+            per_kind[kind] = UnitSelection.from_ordered(units, expansion.num_expanded)
+        selections.append(LayerSelection(**per_kind))
+    return selections
+
+
+def materialize_apex_buffers_(model: nn.Module, device: torch.device) -> None:
+    """Allocate on ``device`` the index buffers of a wrapped model built on the meta
+    device (their values are set by :func:`set_selection`)."""
+    for module in model.modules():
+        if isinstance(module, (ApexExpansion, _ApexLinear)):
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+
+
+def init_apex_(model: nn.Module, device: torch.device, seed: int = 0) -> None:
+    """Give a wrapped model built on the meta device its APEX buffers on ``device``
+    and fresh operators. Call after the base weights (and APEX parameters, any
+    values) are loaded, e.g. by torchtune's ``load_from_full_model_state_dict``."""
+    materialize_apex_buffers_(model, device)
+    set_selection(model, placeholder_selection(model))
+    reset_apex_parameters(model, seed)
 
 
 def reset_apex_parameters(model: nn.Module, seed: int = 0) -> None:

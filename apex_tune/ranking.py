@@ -144,6 +144,29 @@ class ActivationRanker:
         dist.all_reduce(count)
         self.num_microbatches = int(count.item())
 
+    def state_dict(self) -> dict:
+        """The scores summed over ranks (a collective: every rank must call it)."""
+        relative = {k: [t.clone() for t in v] for k, v in self.relative.items()}
+        activation = {k: [t.clone() for t in v] for k, v in self.activation.items()}
+        count = self.num_microbatches
+        self.all_reduce()
+        state = {
+            "relative": {k: [t.cpu() for t in v] for k, v in self.relative.items()},
+            "activation": {k: [t.cpu() for t in v] for k, v in self.activation.items()},
+            "num_microbatches": self.num_microbatches,
+        }
+        self.relative, self.activation, self.num_microbatches = relative, activation, count
+        return state
+
+    def load_state_dict(self, state: dict, keep: bool = True) -> None:
+        """Restore summed scores. With ``keep=False`` (every rank but one) start
+        from zero instead, so that a later all-reduce counts the sums once."""
+        self.reset()
+        if keep:
+            self.relative = {k: [t.clone() for t in v] for k, v in state["relative"].items()}
+            self.activation = {k: [t.clone() for t in v] for k, v in state["activation"].items()}
+            self.num_microbatches = state["num_microbatches"]
+
     def select(
         self,
         ratio: Optional[float] = None,

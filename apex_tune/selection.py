@@ -30,6 +30,11 @@ class UnitSelection:
             "E": self.extra.tolist(),
         }
 
+    @classmethod
+    def from_dict(cls, d: Dict[str, List[int]]) -> "UnitSelection":
+        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
+        return cls(as_tensor(d["P"]), as_tensor(d["N"]), as_tensor(d["E"]))
+
 
 @dataclass
 class LayerSelection:
@@ -38,6 +43,10 @@ class LayerSelection:
 
     def to_dict(self) -> dict:
         return {"heads": self.heads.to_dict(), "channels": self.channels.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerSelection":
+        return cls(UnitSelection.from_dict(d["heads"]), UnitSelection.from_dict(d["channels"]))
 
 
 def select_units(

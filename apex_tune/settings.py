@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 
 def _round_half_up(x: float) -> int:
@@ -50,18 +50,6 @@ class ApexSettings:
                     "always tuned; set it to null to tune only N and P"
                 )
 
-    @classmethod
-    def from_config(cls, cfg: Optional[Mapping[str, Any]]) -> "ApexSettings":
-        """Build from a config mapping, rejecting unknown keys by name."""
-        cfg = dict(cfg or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown apex settings {unknown}; the model settings are {sorted(known)}"
-            )
-        return cls(**cfg)
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -86,3 +74,65 @@ class ApexSettings:
             return 0
         tuned = _round_half_up(tuned_ratio * num_units)
         return max(tuned - 2 * self.expanded_units(num_units, kind), 0)
+
+
+SELECTION_METHODS = ("activation", "random")
+
+
+@dataclass(frozen=True)
+class ApexSchedule:
+    """When APEX assesses, re-selects and fuses during a run.
+
+    Args:
+        num_stages (int): T, the number of stages; boundaries split the run's
+            optimizer steps evenly (with ``epochs == num_stages``, one stage per
+            epoch, as in the reference). Ignored when ``steps_per_stage`` is set.
+        steps_per_stage (Optional[int]): a boundary every this many optimizer steps.
+        assess_samples (int): training examples scored before stage 1 (no grad).
+        selection (str): "activation" (the method) or "random" (ablation).
+    """
+
+    num_stages: int = 2
+    steps_per_stage: Optional[int] = None
+    assess_samples: int = 12288
+    selection: str = "activation"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"apex.num_stages={self.num_stages!r} must be a positive integer")
+        if self.steps_per_stage is not None and (
+            not isinstance(self.steps_per_stage, int) or self.steps_per_stage < 1
+        ):
+            raise ValueError(
+                f"apex.steps_per_stage={self.steps_per_stage!r} must be a positive integer or null"
+            )
+        if not isinstance(self.assess_samples, int) or self.assess_samples < 1:
+            raise ValueError(f"apex.assess_samples={self.assess_samples!r} must be a positive integer")
+        if self.selection not in SELECTION_METHODS:
+            raise ValueError(f"apex.selection={self.selection!r} must be one of {SELECTION_METHODS}")
+
+    def stage_ends(self, total_steps: int) -> List[int]:
+        """The optimizer steps after which each stage ends (the last is ``total_steps``)."""
+        if self.steps_per_stage is not None:
+            ends = list(range(self.steps_per_stage, total_steps, self.steps_per_stage))
+            return ends + [total_steps]
+        if self.num_stages > total_steps:
+            raise ValueError(
+                f"apex.num_stages={self.num_stages} is more than the run's {total_steps} optimizer "
+                "steps; lower apex.num_stages or train longer (epochs, max_steps_per_epoch)"
+            )
+        return [round(total_steps * (i + 1) / self.num_stages) for i in range(self.num_stages)]
+
+
+def parse_apex_config(cfg: Optional[Mapping[str, Any]]) -> Tuple[ApexSettings, ApexSchedule]:
+    """Split and validate a config's ``apex`` section, rejecting unknown keys by name."""
+    cfg = dict(cfg or {})
+    model_keys, schedule_keys = set(ApexSettings.__dataclass_fields__), set(ApexSchedule.__dataclass_fields__)
+    unknown = sorted(set(cfg) - model_keys - schedule_keys)
+    if unknown:
+        raise ValueError(
+            f"unknown apex config keys {unknown}; valid keys are {sorted(model_keys | schedule_keys)}"
+        )
+    settings = ApexSettings(**{k: v for k, v in cfg.items() if k in model_keys})
+    schedule = ApexSchedule(**{k: v for k, v in cfg.items() if k in schedule_keys})
+    return settings, schedule

@@ -1,0 +1,580 @@
+"""APEX fine-tuning recipe for torchtune: stages, fusion, FSDP2, checkpoints and resume.
+
+Launch with ``tune run apex_finetune --config NAME [key=value ...]`` (NAME: a
+shipped config such as ``llama3_2/1B_apex_cpt``, or a YAML path), or with
+``tune run --nproc_per_node N apex_finetune ...`` for N processes.
+
+A run: load the base model through a torchtune checkpointer; wrap it with APEX;
+score ``apex.assess_samples`` training examples and select P/N/E per layer;
+train the APEX parameters for T stages; at each boundary fuse the operators
+into the weights, re-select from the stage's scores, reset the operators and
+the optimizer state (the LR schedule continues); save the fused model in the
+checkpointer's format after each stage.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune import config, modules, training, utils
+from torchtune.config._utils import _get_component_from_path
+from torchtune.datasets import ConcatDataset
+from torchtune.recipe_interfaces import FTRecipeInterface
+from torchtune.training.lr_schedulers import get_lr
+from tqdm import tqdm
+
+from apex_tune import (
+    ActivationRanker,
+    apply_apex,
+    get_selection,
+    init_apex_,
+    merge_apex_,
+    parse_apex_config,
+    random_selection,
+    set_apex_trainable,
+    set_selection,
+    trainable_parameter_report,
+)
+from apex_tune.checkpointing import (
+    RECIPE_STATE_FILE,
+    STATE_FORMAT,
+    atomic_torch_save,
+    fused_state_dict,
+    load_recipe_state,
+    replace_dir,
+)
+from apex_tune.configs import resolve_config
+from apex_tune.model import param_kind
+from apex_tune.selection import LayerSelection
+
+log = utils.get_logger("INFO")
+
+SELECTION_LOG = "apex_selection.json"
+# Test hook: SIGKILL this process when it reaches the named point (see README,
+# "Failures and resume"); unset in normal runs.
+KILL_AT_ENV = "APEX_TUNE_KILL_AT"
+
+
+def _fault_point(name: str) -> None:
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _init_process_group(device: torch.device) -> None:
+    """torchrun sets the rendezvous; a plain ``tune run`` is a group of one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+    dist.init_process_group(training.get_distributed_backend(device.type))
+
+
+class ApexFinetuneRecipe(FTRecipeInterface):
+    """APEX fine-tuning with FSDP2 on any world size (one process included).
+
+    Config fields beyond torchtune's full fine-tuning recipe: the ``apex``
+    section (see README), ``save_every_n_steps`` and ``resume_from_checkpoint``
+    (resumes from ``output_dir/apex_recipe_state.pt``, mid-stage included).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        if self._dtype == torch.float16:
+            raise ValueError("fp16 training is not supported; use bf16 or fp32")
+        self.settings, self.schedule = parse_apex_config(cfg.get("apex"))
+
+        self._output_dir = Path(cfg.output_dir)
+        self._batch_size = cfg.batch_size
+        self._grad_accum = cfg.gradient_accumulation_steps
+        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        if self._save_every_n_steps is not None and (
+            not isinstance(self._save_every_n_steps, int) or self._save_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"save_every_n_steps={self._save_every_n_steps!r} must be a positive integer "
+                "or null (save only at stage ends)"
+            )
+        for name in ("batch_size", "gradient_accumulation_steps", "epochs"):
+            if not isinstance(cfg.get(name), int) or cfg.get(name) < 1:
+                raise ValueError(f"{name}={cfg.get(name)!r} must be a positive integer")
+        self._resume = cfg.get("resume_from_checkpoint", False)
+        self._compile = cfg.get("compile", False)
+        self._activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
+
+        _init_process_group(self._device)
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self.rank == 0
+
+        self.seed = training.set_seed(seed=cfg.seed)
+        self.total_epochs = cfg.epochs
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
+        self.epochs_run = 0
+        self.global_step = 0
+        self.steps_in_epoch = 0  # optimizer steps already taken in the current epoch
+        self.stage = 0  # index of the current stage
+        self._assessment: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, cfg: DictConfig) -> None:
+        self._cfg = cfg
+        if self._is_rank_zero:
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
+
+        # Our own resume state lives in output_dir; torchtune's recipe-state
+        # lookup in the checkpointer stays off.
+        self._checkpointer = config.instantiate(
+            cfg.checkpointer, resume_from_checkpoint=False, should_load_recipe_state=False
+        )
+        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        resumed = load_recipe_state(self._output_dir) if self._resume else None
+        if self._resume and resumed is None:
+            utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_FILE} in {self._output_dir}, starting fresh")
+
+        self._model = self._setup_model(cfg, resumed["model"] if resumed else base_state)
+        del base_state
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._loss_fn = config.instantiate(cfg.loss)
+        if self._compile:
+            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+
+        self._dataset = self._setup_dataset(cfg.dataset)
+        self._dataloader = self._setup_dataloader(cfg)
+        self._steps_per_epoch = len(self._dataloader) // self._grad_accum
+        if self.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        if self._steps_per_epoch < 1:
+            raise ValueError(
+                f"the dataset gives {len(self._dataloader)} batches per rank, fewer than "
+                f"gradient_accumulation_steps={self._grad_accum}: no optimizer step would run. "
+                "Use more data, a smaller batch_size or fewer processes"
+            )
+        self.total_steps = self.total_epochs * self._steps_per_epoch
+        self.stage_ends = self.schedule.stage_ends(self.total_steps)
+
+        self._optimizer = config.instantiate(
+            cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
+        )
+        self._ranker = ActivationRanker(self._model, self.settings)
+        if resumed:
+            self._restore(resumed)
+        self._lr_scheduler = config.instantiate(
+            cfg.lr_scheduler,
+            self._optimizer,
+            num_training_steps=self.total_steps,
+            last_epoch=self.global_step - 1,
+        ) if cfg.get("lr_scheduler") else None
+        self._ignore_labels_cache = torch.full(
+            (self._batch_size, 1), self._loss_fn.ignore_index, device=self._device
+        )
+        if not resumed:
+            selection = self._initial_selection(cfg)
+            set_selection(self._model, selection)
+            self._log_selection(selection, step=0, scores=self._assessment)
+        self._ranker.attach()
+        if self._is_rank_zero:
+            report = trainable_parameter_report(self._model)
+            log.info(
+                f"APEX trains {report['trainable_params']:,} of {report['base_params']:,} parameters "
+                f"({100 * report['trainable_fraction']:.3f}%); stages end at steps {self.stage_ends}"
+            )
+
+    def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        apply_apex(model, self.settings)
+        set_apex_trainable(model, self.settings)
+        if self._compile:
+            training.compile_model(model, verbose=self._is_rank_zero)
+        if self._activation_checkpointing:
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        mesh = dist.device_mesh.init_device_mesh(self._device.type, (self.world_size,))
+        training.shard_model(
+            model=model,
+            shard_conditions=[lambda name, m: isinstance(m, modules.TransformerSelfAttentionLayer)],
+            cpu_offload=False,
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+            dp_mesh=mesh,
+        )
+        with training.set_default_dtype(self._dtype), self._device:
+            for m in model.modules():
+                if hasattr(m, "rope_init"):  # RoPE caches are not in the state dict
+                    m.rope_init()
+
+        full_sd = dict(state_dict)
+        expected = model.state_dict()
+        unexpected = sorted(set(full_sd) - set(expected))
+        if unexpected:
+            raise ValueError(
+                f"checkpoint has keys the model does not: {unexpected[:5]}...; does checkpointer "
+                "match model?"
+            )
+        for name, value in expected.items():
+            if name in full_sd:
+                if tuple(full_sd[name].shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"checkpoint tensor {name} has shape {tuple(full_sd[name].shape)}, the model "
+                        f"expects {tuple(value.shape)}: does the checkpoint match the model config?"
+                    )
+            elif param_kind(name) in ("operators", "vectors", "deltas"):
+                full_sd[name] = torch.zeros(value.shape, dtype=value.dtype)  # re-initialised below
+            else:
+                raise ValueError(f"checkpoint is missing base weight {name}")
+        training.load_from_full_model_state_dict(model, full_sd, self._device, strict=True)
+        init_apex_(model, self._device, seed=self.seed)
+        training.validate_no_params_on_meta_device(model)
+        dist.barrier()
+        return model
+
+    def _setup_dataset(self, cfg_dataset):
+        if isinstance(cfg_dataset, ListConfig):
+            return ConcatDataset([config.instantiate(c, self._tokenizer) for c in cfg_dataset])
+        ds = config.instantiate(cfg_dataset, self._tokenizer)
+        if len(ds) == 0:
+            raise ValueError("the dataset is empty: check dataset.data_files / source / split")
+        return ds
+
+    def _collate(self):
+        collate = _get_component_from_path(self._cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))
+        return partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
+
+    def _setup_dataloader(self, cfg: DictConfig) -> StatefulDataLoader:
+        sampler = StatefulDistributedSampler(
+            self._dataset, num_replicas=self.world_size, rank=self.rank, shuffle=cfg.shuffle, seed=self.seed
+        )
+        return StatefulDataLoader(
+            self._dataset,
+            batch_size=self._batch_size,
+            sampler=sampler,
+            collate_fn=self._collate(),
+            drop_last=True,
+        )
+
+    # ------------------------------------------------------------- selection
+    def _loss_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        """Positions whose next token is trained: padding and ignored positions excluded."""
+        shifted = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
+        return shifted != self._loss_fn.ignore_index
+
+    @torch.no_grad()
+    def _initial_selection(self, cfg: DictConfig) -> List[LayerSelection]:
+        if self.schedule.selection == "random":
+            return random_selection(self._model, torch.Generator().manual_seed(self.seed))
+        count = min(self.schedule.assess_samples, len(self._dataset))
+        order = torch.randperm(len(self._dataset), generator=torch.Generator().manual_seed(self.seed))
+        subset = Subset(self._dataset, order[:count].tolist())
+        sampler = torch.utils.data.DistributedSampler(
+            subset, num_replicas=self.world_size, rank=self.rank, shuffle=False
+        )
+        loader = DataLoader(subset, batch_size=self._batch_size, sampler=sampler, collate_fn=self._collate())
+        self._ranker.attach()
+        self._model.eval()
+        start = time.perf_counter()
+        for i, batch in enumerate(
+            tqdm(loader, desc="APEX assessment", disable=not self._is_rank_zero, dynamic_ncols=True)
+        ):
+            _fault_point(f"assess:{i}")
+            utils.batch_to_device(batch, self._device)
+            labels = batch.pop("labels")
+            self._ranker.begin_microbatch(self._loss_mask(labels))
+            self._model(**batch)
+        self._model.train()
+        self._ranker.all_reduce()
+        selection = self._ranker.select()
+        self._assessment = self._ranker.scores()
+        utils.log_rank_zero(
+            log, f"assessment of {count} examples took {time.perf_counter() - start:.2f}s"
+        )
+        self._ranker.reset()
+        return selection
+
+    def _log_selection(self, selection: List[LayerSelection], step: int, scores: dict) -> None:
+        """Append the stage's selection (and the scores behind it) to output_dir/apex_selection.json."""
+        if not self._is_rank_zero:
+            return
+        path = self._output_dir / SELECTION_LOG
+        entries = json.loads(path.read_text()) if path.exists() else []
+        entries = [e for e in entries if e["step"] < step]  # a resumed run rewrites its future
+        entries.append(
+            {
+                "stage": self.stage + 1,
+                "step": step,
+                "layers": [s.to_dict() for s in selection],
+                "scores": scores,
+            }
+        )
+        self._output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------- training
+    def train(self) -> None:
+        if self._device.type == "cuda":  # torchtune's helper assumes a CUDA-like device
+            training.cleanup_before_training()
+        self._optimizer.zero_grad()
+        pbar = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            disable=not self._is_rank_zero,
+            dynamic_ncols=True,
+        )
+        t0 = time.perf_counter()
+        running_loss, num_tokens = 0.0, 0
+        for epoch in range(self.epochs_run, self.total_epochs):
+            self._dataloader.sampler.set_epoch(epoch)
+            micro = 0
+            for batch in self._dataloader:
+                utils.batch_to_device(batch, self._device)
+                labels = batch.pop("labels")
+                labels = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
+                tokens = (labels != self._loss_fn.ignore_index).sum()
+                num_tokens += tokens
+                self._ranker.begin_microbatch(labels != self._loss_fn.ignore_index)
+                logits = self._model(**batch)
+                if not isinstance(logits, list):
+                    labels = labels.reshape(-1)
+                    logits = logits.reshape(-1, logits.size(-1))
+                loss = self._loss_fn(logits, labels) * tokens
+                del logits
+                running_loss += loss.detach()
+                loss.backward()
+                micro += 1
+                if micro % self._grad_accum:
+                    continue
+
+                # one optimizer step
+                dist.all_reduce(num_tokens)
+                dist.all_reduce(running_loss)
+                # FSDP2 averages gradients over ranks; undo that, normalise by tokens.
+                training.scale_grads(self._model, self.world_size / num_tokens)
+                grad_norm = None
+                if self._clip_grad_norm is not None:
+                    grad_norm = nn.utils.clip_grad_norm_(
+                        self._model.parameters(), max_norm=float(self._clip_grad_norm)
+                    )
+                    if isinstance(grad_norm, DTensor):
+                        grad_norm = grad_norm.full_tensor()
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                if self._lr_scheduler is not None:
+                    self._lr_scheduler.step()
+                self.global_step += 1
+                self.steps_in_epoch += 1
+
+                loss_value = (running_loss / num_tokens).item()
+                pbar.update(1)
+                pbar.set_description(
+                    f"stage {self.stage + 1}/{len(self.stage_ends)} | epoch {epoch + 1} | loss {loss_value:.4f}"
+                )
+                if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
+                    elapsed = time.perf_counter() - t0
+                    metrics = {
+                        "loss": loss_value,
+                        "lr": get_lr(self._optimizer),
+                        "tokens_per_second_per_gpu": num_tokens.item() / (elapsed * self.world_size),
+                        "stage": self.stage + 1,
+                    }
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = grad_norm.item()
+                    if self._device.type == "cuda":
+                        metrics.update(training.get_memory_stats(device=self._device))
+                    self._metric_logger.log_dict(metrics, step=self.global_step)
+                running_loss, num_tokens = 0.0, 0
+                _fault_point(f"step:{self.global_step}")
+
+                if self.global_step == self.stage_ends[self.stage]:
+                    self._stage_boundary()
+                elif self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                    self.save_checkpoint(label=f"step_{self.global_step}", fused=True)
+                t0 = time.perf_counter()
+                if self.steps_in_epoch >= self._steps_per_epoch:
+                    break
+            self.epochs_run += 1
+            self.steps_in_epoch = 0
+        pbar.close()
+
+    def _stage_boundary(self) -> None:
+        """Fuse, re-select from the stage's scores, reset operators and optimizer state."""
+        start = time.perf_counter()
+        finished = self.stage
+        last = finished == len(self.stage_ends) - 1
+        next_selection, scores = None, {}
+        if not last:
+            if self.schedule.selection == "random":
+                next_selection = random_selection(
+                    self._model, torch.Generator().manual_seed(self.seed + finished + 1)
+                )
+            else:
+                self._ranker.all_reduce()
+                next_selection = self._ranker.select()
+                scores = self._ranker.scores()
+        merge_apex_(self._model, seed=self.seed + finished + 1)
+        fuse_seconds = time.perf_counter() - start
+        self.stage += 1
+        if next_selection is not None:
+            set_selection(self._model, next_selection)
+            self._log_selection(next_selection, step=self.global_step, scores=scores)
+        self._ranker.reset()
+        self._optimizer.state.clear()
+        utils.log_rank_zero(log, f"stage {finished + 1} done at step {self.global_step}: fused in {fuse_seconds:.3f}s")
+        # The live model is fused now: its base weights are the plain model.
+        self.save_checkpoint(label=f"stage_{finished + 1}", fused=False)
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(self, label: str, fused: bool) -> None:
+        """Write the plain model (HF in -> HF out) as ``output_dir/label`` and the resume state.
+
+        ``fused=False``: the live model was just merged, so its base weights are
+        the plain model. ``fused=True``: fuse a CPU copy, leaving training as is.
+        """
+        _fault_point(f"save:{label}")
+        wrapped_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero)
+        optim_sd = training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero)
+        loader_states = [None] * self.world_size
+        dist.all_gather_object(loader_states, self._dataloader.state_dict())
+        ranker_state = self._ranker.state_dict()
+        # A save at an epoch's last step resumes at the next epoch's start.
+        epoch_done = self.steps_in_epoch >= self._steps_per_epoch
+        if epoch_done:
+            loader_states = None
+        if self._is_rank_zero:
+            selection = get_selection(self._model)
+            if fused:
+                plain = fused_state_dict(
+                    lambda: config.instantiate(self._cfg.model), self.settings, wrapped_sd, selection
+                )
+            else:
+                plain = {k: v for k, v in wrapped_sd.items() if param_kind(k) in ("base", "embeddings")}
+            self._write_model(plain, label)
+            _fault_point(f"save_state:{label}")
+            atomic_torch_save(
+                {
+                    "format": STATE_FORMAT,
+                    "model": wrapped_sd,
+                    "selection": [s.to_dict() for s in selection],
+                    "optimizer": optim_sd,
+                    "dataloader": loader_states,
+                    "ranker": ranker_state,
+                    "progress": {
+                        "seed": self.seed,
+                        "epochs_run": self.epochs_run + int(epoch_done),
+                        "global_step": self.global_step,
+                        "steps_in_epoch": 0 if epoch_done else self.steps_in_epoch,
+                        "stage": self.stage,
+                        "total_steps": self.total_steps,
+                        "world_size": self.world_size,
+                        "checkpoint": label,
+                    },
+                    "rng": torch.get_rng_state(),
+                },
+                self._output_dir / RECIPE_STATE_FILE,
+            )
+        dist.barrier()
+
+    def _write_model(self, state_dict: Dict[str, torch.Tensor], label: str) -> None:
+        """Save through the torchtune checkpointer (it writes epoch_<n>), then move into place."""
+        staging = self._output_dir / f"epoch_{self.global_step}"
+        if staging.exists():  # left by a crash mid-write
+            shutil.rmtree(staging)
+        self._checkpointer.save_checkpoint(
+            {training.MODEL_KEY: state_dict}, epoch=self.global_step, intermediate_checkpoint=False
+        )
+        replace_dir(staging, self._output_dir / label)
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        progress = state["progress"]
+        if progress["total_steps"] != self.total_steps:
+            raise ValueError(
+                f"the saved run has {progress['total_steps']} optimizer steps, this config gives "
+                f"{self.total_steps}: resume with the same data, batch and epoch settings"
+            )
+        if progress["seed"] != self.seed:
+            raise ValueError(f"the saved run used seed={progress['seed']}, this config seed={self.seed}")
+        set_selection(self._model, [LayerSelection.from_dict(d) for d in state["selection"]])
+        if state["optimizer"]:
+            training.load_from_full_optimizer_state_dict(
+                self._model, self._optimizer, state["optimizer"], self._device
+            )
+        if progress["world_size"] != self.world_size:
+            raise ValueError(
+                f"the saved run used {progress['world_size']} processes, this one {self.world_size}: "
+                "resume with the same --nproc_per_node"
+            )
+        if state["dataloader"] is not None:  # None: saved at an epoch end
+            self._dataloader.load_state_dict(state["dataloader"][self.rank])
+        self._ranker.load_state_dict(state["ranker"], keep=self._is_rank_zero)
+        torch.set_rng_state(state["rng"])
+        self.epochs_run = progress["epochs_run"]
+        self.global_step = progress["global_step"]
+        self.steps_in_epoch = progress["steps_in_epoch"]
+        self.stage = progress["stage"]
+        utils.log_rank_zero(
+            log, f"resumed from {progress['checkpoint']} at step {self.global_step}, stage {self.stage + 1}"
+        )
+
+    def cleanup(self) -> None:
+        if self._is_rank_zero and hasattr(self, "_metric_logger"):
+            self._metric_logger.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _resolve_config_arg(argv: List[str]) -> List[str]:
+    """Let ``--config`` take a shipped name (``llama2/7B_apex``) as well as a path."""
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config") + 1
+        if i < len(argv):
+            try:
+                argv[i] = str(resolve_config(argv[i]))
+            except ValueError as e:
+                sys.exit(f"apex_finetune: {e}")
+    return argv
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="ApexFinetuneRecipe", cfg=cfg)
+    recipe = ApexFinetuneRecipe(cfg=cfg)
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0]] + _resolve_config_arg(sys.argv[1:])
+    sys.exit(recipe_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shipped apex_finetune configs, installed as the package data of apex_tune._configs."""

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny torchtune decoders (seeded, perturbed off their init) and
+helpers to draw random APEX selections and to perturb every APEX parameter.
+
+Tiny geometry (embed 64, 8 query heads, head_dim 8, 96 FFN channels, 2 layers):
+
+- ``llama3_gqa``: Llama 3, 2 KV heads -> 2 head units (KV groups) of 4 query heads.
+- ``llama3_gqa4``: Llama 3, 4 KV heads -> 4 head units of 2 query heads.
+- ``llama2_mha``: Llama 2, MHA -> 8 head units of 1 head.
+- ``qwen2_bias``: Qwen2 (q/k/v biases), 4 KV heads -> 4 head units of 2 heads.
+"""
+
+from typing import Callable, List
+
+import pytest
+import torch
+from torch import nn
+from torchtune.models.llama2 import llama2
+from torchtune.models.llama3 import llama3
+from torchtune.models.qwen2 import qwen2
+
+from apex_tune import ApexSettings, LayerSelection, UnitSelection, find_apex_layers
+
+VOCAB = 97
+SEQ = 16
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _build(kind: str) -> nn.Module:
+    common = dict(vocab_size=VOCAB, num_layers=2, num_heads=8, embed_dim=64, max_seq_len=64, intermediate_dim=96)
+    if kind == "llama3_gqa":
+        return llama3(num_kv_heads=2, **common)
+    if kind == "llama3_gqa4":
+        return llama3(num_kv_heads=4, **common)
+    if kind == "llama2_mha":
+        return llama2(num_kv_heads=8, **common)
+    if kind == "qwen2_bias":
+        return qwen2(num_kv_heads=4, **common)
+    raise ValueError(kind)
+
+
+@torch.no_grad()
+def build_tiny(kind: str, seed: int = 0) -> nn.Module:
+    """A tiny fp32 decoder with fixed seed, every parameter moved off its init."""
+    torch.manual_seed(seed)
+    model = _build(kind)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=gen)
+        if param.dim() == 1 and name.endswith("scale"):  # RMSNorm scales (init 1)
+            param.mul_(1 + 0.2 * noise)
+        else:
+            param.add_(0.3 * param.std() * noise if param.numel() > 1 else 0.1 * noise)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def make_tiny() -> Callable[..., nn.Module]:
+    return build_tiny
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+
+
+def random_selection(model: nn.Module, settings: ApexSettings, seed: int = 0) -> List[LayerSelection]:
+    """A random, valid P/N/E selection for every layer of ``model`` (sizes from ``settings``)."""
+    gen = torch.Generator().manual_seed(seed)
+    selection = []
+    for layer in find_apex_layers(model):
+        per_kind = {}
+        for kind in ("heads", "channels"):
+            n = layer.num_units(kind)
+            k = settings.expanded_units(n, kind)
+            e = settings.extra_units(n, kind)
+            perm = torch.randperm(n, generator=gen)[: 2 * k + e]
+            per_kind[kind] = UnitSelection.from_ordered(perm, k)
+        selection.append(LayerSelection(**per_kind))
+    return selection
+
+
+@torch.no_grad()
+def perturb_apex(model: nn.Module, seed: int = 0, scale: float = 0.2) -> int:
+    """Set every APEX parameter (L1, L2, a, b, delta) to random values; returns how many tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        noise = torch.randn(param.shape, generator=gen)
+        if leaf in ("L1", "L2"):
+            param.copy_(noise * scale)
+        elif leaf in ("a", "b"):
+            param.copy_(1 + noise * scale)
+        elif leaf == "delta":
+            param.copy_(noise * scale * 0.1)
+        else:
+            continue
+        count += 1
+    return count
+
+
+@pytest.fixture
+def random_selection_fn():
+    return random_selection
+
+
+@pytest.fixture
+def perturb_apex_fn():
+    return perturb_apex
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture
+def rel_diff_fn():
+    return rel_diff
