@@ -59,7 +59,7 @@ from apex_tune.checkpointing import (
     replace_dir,
 )
 from apex_tune.configs import resolve_config
-from apex_tune.model import param_kind
+from apex_tune.model import materialize_apex_buffers_, param_kind
 from apex_tune.selection import LayerSelection
 
 log = utils.get_logger("INFO")
@@ -154,7 +154,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         if self._resume and resumed is None:
             utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_FILE} in {self._output_dir}, starting fresh")
 
-        self._model = self._setup_model(cfg, resumed["model"] if resumed else base_state)
+        self._model = self._setup_model(cfg, resumed["model"] if resumed else base_state, fresh=not resumed)
         del base_state
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
@@ -204,7 +204,9 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 f"({100 * report['trainable_fraction']:.3f}%); stages end at steps {self.stage_ends}"
             )
 
-    def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+    def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, torch.Tensor], fresh: bool) -> nn.Module:
+        """Meta-init, wrap, shard, then load ``state_dict``: the base model (``fresh``:
+        APEX starts from new operators) or a saved wrapped model (resume)."""
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg.model)
         apply_apex(model, self.settings)
@@ -248,7 +250,10 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             else:
                 raise ValueError(f"checkpoint is missing base weight {name}")
         training.load_from_full_model_state_dict(model, full_sd, self._device, strict=True)
-        init_apex_(model, self._device, seed=self.seed)
+        if fresh:
+            init_apex_(model, self._device, seed=self.seed)
+        else:  # operators come from the state; the selection is set by _restore
+            materialize_apex_buffers_(model, self._device)
         training.validate_no_params_on_meta_device(model)
         dist.barrier()
         return model
