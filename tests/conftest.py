@@ -23,7 +23,6 @@ from apex_tune import ApexSettings, LayerSelection, UnitSelection, find_apex_lay
 VOCAB = 97
 SEQ = 16
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def _build(kind: str) -> nn.Module:
@@ -56,8 +55,24 @@ def build_tiny(kind: str, seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread, then restore the setting. The tiny models
+    gain nothing from more, and spinning OpenMP threads slow down badly when other
+    jobs share a small machine. Core test modules opt in with ``pytestmark``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def make_tiny() -> Callable[..., nn.Module]:
     return build_tiny
+
+
+@pytest.fixture
+def vocab_size() -> int:
+    return VOCAB
 
 
 @pytest.fixture

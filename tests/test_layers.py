@@ -22,6 +22,8 @@ from apex_tune import (
 )
 from apex_tune.layers import unit_positions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KINDS = ["llama3_gqa", "llama2_mha", "qwen2_bias", "llama3_gqa4"]
 PROJECTIONS = [("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "output_proj"),
                ("mlp", "w1"), ("mlp", "w2"), ("mlp", "w3")]

@@ -8,6 +8,8 @@ from torch.overrides import TorchFunctionMode
 
 from apex_tune.monarch import MonarchMatrix, monarch_layout, nearest_sqrt_divisor
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _perm(nblocks: int, block_size: int) -> torch.Tensor:
     """P as an index: (P v)[j] = v[perm[j]], P reading the (nblocks, block_size) grid column-major."""

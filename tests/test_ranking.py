@@ -10,6 +10,8 @@ from torch import nn
 from apex_tune import ActivationRanker, ApexSettings, apply_apex, get_selection, select_units, set_selection
 from apex_tune.model import find_apex_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SETTINGS = ApexSettings(ratio=0.25, tuned_ratio_heads=0.75, tuned_ratio_channels=0.75, delta=True)
 
 
@@ -37,36 +39,67 @@ def _pick(gen, n, k, exclude=()):
     return sorted(pool[torch.randperm(len(pool), generator=gen)[:k]].tolist())
 
 
+def _gate_inputs(model, layer, batches):
+    """The counted inputs of ``layer.mlp.w1``, one (tokens, dim) tensor per micro-batch."""
+    seen = []
+    handle = layer.mlp.w1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        for tokens, mask in batches:
+            model(tokens)
+            seen[-1] = seen[-1][mask] if mask is not None else seen[-1].flatten(0, -2)
+    handle.remove()
+    return seen
+
+
+def _plant_channels(model, layer, batches, gen, k, up=20.0, down=1e-3):
+    """Scale k w1 rows by ``up`` and k others by ``down``; returns (hi, lo).
+
+    silu(up * z) is large where z > 0 but ~0 where z < 0, so each boosted row is
+    first oriented (sign-flipped) to have its larger half positive, and boosted
+    rows are drawn among channels where that half is large in every micro-batch
+    (so x20 surely beats every untouched channel, micro-batch by micro-batch)."""
+    w1 = layer.mlp.w1.weight
+    zs = [x @ w1.T for x in _gate_inputs(model, layer, batches)]
+    pos = torch.stack([z.clamp(min=0).norm(dim=0) for z in zs])  # (microbatches, channels)
+    neg = torch.stack([(-z).clamp(min=0).norm(dim=0) for z in zs])
+    sign = torch.where(pos.sum(0) >= neg.sum(0), 1.0, -1.0)
+    oriented = torch.where(sign > 0, pos, neg)
+    loudest = torch.stack([nn.functional.silu(z).norm(dim=0).max() for z in zs])  # per micro-batch
+    eligible = [c for c in range(w1.shape[0]) if bool((up * oriented[:, c] > 2 * loudest).all())]
+    assert len(eligible) >= k, "test setup: too few channels to boost"
+    hi = sorted(torch.tensor(eligible)[torch.randperm(len(eligible), generator=gen)[:k]].tolist())
+    lo = _pick(gen, w1.shape[0], k, exclude=hi)
+    w1[hi] *= (up * sign[hi])[:, None]
+    w1[lo] *= down
+    return hi, lo
+
+
 @pytest.mark.parametrize("kind", ["llama2_mha", "qwen2_bias", "llama3_gqa4"])
-def test_select_finds_scaled_units(kind, make_tiny):
-    from conftest import VOCAB
+def test_select_finds_scaled_units(kind, make_tiny, vocab_size):
+    VOCAB = vocab_size
 
     model = apply_apex(make_tiny(kind), SETTINGS)  # placeholder selection: still the base model
+    batches = _batches(VOCAB, n=3, batch=4)
     gen = torch.Generator().manual_seed(42)
     planted = []
     with torch.no_grad():
-        for layer in find_apex_layers(model):
-            attn, mlp = layer.attn, layer.mlp
-            hd, units, channels = attn.head_dim, layer.num_head_units, layer.num_channel_units
+        for layer in find_apex_layers(model):  # in order: later layers see the earlier changes
+            attn = layer.attn
+            hd, units = attn.head_dim, layer.num_head_units
             kh = SETTINGS.expanded_units(units, "heads")
-            kc = SETTINGS.expanded_units(channels, "channels")
             h_hi = _pick(gen, units, kh)
             h_lo = _pick(gen, units, kh, exclude=h_hi)
-            c_hi = _pick(gen, channels, kc)
-            c_lo = _pick(gen, channels, kc, exclude=c_hi)
             # A head unit's attention output is linear in its V rows (bias included).
             for us, factor in ((h_hi, 20.0), (h_lo, 0.01)):
                 for u in us:
                     attn.v_proj.weight[u * hd : (u + 1) * hd] *= factor
                     if attn.v_proj.bias is not None:
                         attn.v_proj.bias[u * hd : (u + 1) * hd] *= factor
-            # A channel's gate activation silu(w1 x)_c: x20 is large on the positive half, x0.001 ~ 0.
-            mlp.w1.weight[c_hi] *= 20.0
-            mlp.w1.weight[c_lo] *= 0.001
+            kc = SETTINGS.expanded_units(layer.num_channel_units, "channels")
+            c_hi, c_lo = _plant_channels(model, layer, batches, gen, kc)
             planted.append((h_hi, h_lo, c_hi, c_lo))
 
     ranker = ActivationRanker(model, SETTINGS).attach()
-    batches = _batches(VOCAB, n=3)
     _run(model, ranker, batches)
     assert ranker.num_microbatches == 3
     selection = ranker.select()
@@ -86,9 +119,9 @@ def test_select_finds_scaled_units(kind, make_tiny):
     assert get_selection(model)[0].heads.advantageous.tolist() == planted[0][0]
 
 
-def test_head_score_is_read_before_output_proj(make_tiny):
+def test_head_score_is_read_before_output_proj(make_tiny, vocab_size):
     """Scaling output_proj columns of a unit changes nothing in that layer's head scores."""
-    from conftest import VOCAB
+    VOCAB = vocab_size
 
     model = apply_apex(make_tiny("llama2_mha"), SETTINGS)
     batches = _batches(VOCAB, n=2, seed=3)
@@ -130,8 +163,8 @@ def _manual_norms(model, tokens, mask):
 
 
 @pytest.mark.parametrize("kind", ["llama3_gqa", "qwen2_bias"])
-def test_masked_tokens_do_not_count(kind, make_tiny):
-    from conftest import VOCAB
+def test_masked_tokens_do_not_count(kind, make_tiny, vocab_size):
+    VOCAB = vocab_size
 
     model = make_tiny(kind)
     apply_apex(model, SETTINGS)
@@ -151,27 +184,26 @@ def test_masked_tokens_do_not_count(kind, make_tiny):
             assert torch.allclose(ranker.activation[kind_name][pos].cpu(), ref[kind_name][pos], rtol=1e-5)
     ranker.detach()
 
-    # 2) Masking trailing positions == not having them at all (attention is causal),
-    #    even when those positions carry much larger activations.
+    # 2) Masking trailing positions (padding) == not having them at all, since
+    #    attention is causal. The tail holds a token id used nowhere else.
     lengths = [9, 5, 12]
     gen = torch.Generator().manual_seed(6)
-    full = [torch.randint(0, VOCAB, (2, 16), generator=gen) for _ in lengths]
-    with torch.no_grad():  # make the tail tokens loud: a token id used only there, huge embedding
-        model.tok_embeddings.weight[VOCAB - 1] *= 1000.0
+    full = [torch.randint(0, VOCAB - 1, (2, 16), generator=gen) for _ in lengths]
     for t, n in zip(full, lengths):
-        t[:, :n].clamp_(max=VOCAB - 2)
         t[:, n:] = VOCAB - 1
-    masked, prefix, unmasked = (ActivationRanker(model, SETTINGS).attach() for _ in range(3))
-    with torch.no_grad():
-        for t, n in zip(full, lengths):
-            mask = torch.zeros(2, 16, dtype=torch.bool)
-            mask[:, :n] = True
-            masked.begin_microbatch(mask)
-            model(t)
-            prefix.begin_microbatch(None)
-            model(t[:, :n])
-            unmasked.begin_microbatch(None)
-            model(t)
+
+    def score(cut: bool, use_mask: bool) -> ActivationRanker:
+        ranker = ActivationRanker(model, SETTINGS).attach()
+        with torch.no_grad():
+            for t, n in zip(full, lengths):
+                mask = torch.zeros(2, 16, dtype=torch.bool)
+                mask[:, :n] = True
+                ranker.begin_microbatch(mask if use_mask else None)
+                model(t[:, :n] if cut else t)
+        ranker.detach()
+        return ranker
+
+    masked, prefix, unmasked = score(False, True), score(True, False), score(False, False)
     for kind_name in ("heads", "channels"):
         for pos in range(2):
             assert torch.equal(masked.relative[kind_name][pos], prefix.relative[kind_name][pos])
@@ -180,8 +212,8 @@ def test_masked_tokens_do_not_count(kind, make_tiny):
             assert not torch.allclose(masked.activation[kind_name][pos], unmasked.activation[kind_name][pos], rtol=1e-2)
 
 
-def test_records_once_per_microbatch(make_tiny):
-    from conftest import VOCAB
+def test_records_once_per_microbatch(make_tiny, vocab_size):
+    VOCAB = vocab_size
 
     model = apply_apex(make_tiny("llama2_mha"), SETTINGS)
     (tokens, mask), = _batches(VOCAB, n=1, seed=8)
@@ -211,8 +243,8 @@ def test_records_once_per_microbatch(make_tiny):
     assert torch.allclose(twice.activation["heads"][0], 2 * once.activation["heads"][0])
 
 
-def test_real_activation_checkpointing_counts_once(make_tiny):
-    from conftest import VOCAB
+def test_real_activation_checkpointing_counts_once(make_tiny, vocab_size):
+    VOCAB = vocab_size
     from torchtune.modules import TransformerSelfAttentionLayer
     from torchtune.training import set_activation_checkpointing
 
@@ -249,8 +281,8 @@ def _hook_count(model):
     return total
 
 
-def test_detach_removes_all_hooks(make_tiny):
-    from conftest import VOCAB
+def test_detach_removes_all_hooks(make_tiny, vocab_size):
+    VOCAB = vocab_size
 
     model = apply_apex(make_tiny("llama3_gqa"), SETTINGS)
     assert _hook_count(model) == 0
@@ -279,8 +311,8 @@ def test_detach_removes_all_hooks(make_tiny):
         (ApexSettings(ratio=0.5, delta=False), "llama3_gqa"),
     ],
 )
-def test_selection_sizes_and_disjoint(settings, kind, make_tiny):
-    from conftest import VOCAB
+def test_selection_sizes_and_disjoint(settings, kind, make_tiny, vocab_size):
+    VOCAB = vocab_size
 
     model = make_tiny(kind)
     apply_apex(model, settings)
@@ -318,8 +350,8 @@ def test_select_units_tiebreak_and_errors():
         select_units(rel, 2, 2)
 
 
-def test_select_without_microbatches_and_reset(make_tiny):
-    from conftest import VOCAB
+def test_select_without_microbatches_and_reset(make_tiny, vocab_size):
+    VOCAB = vocab_size
 
     model = apply_apex(make_tiny("llama2_mha"), SETTINGS)
     ranker = ActivationRanker(model, SETTINGS)
