@@ -28,8 +28,11 @@ TINY_MODEL = dict(
 )
 
 
-def arithmetic_examples(count: int, seed: int) -> List[Dict[str, str]]:
-    """Word problems over small integers with a worked answer, GSM8K-style."""
+def arithmetic_examples(count: int, seed: int, kinds=(0, 1, 2)) -> List[Dict[str, str]]:
+    """Word problems over small integers with a worked answer, GSM8K-style.
+
+    ``kinds``: 0 addition, 1 subtraction, 2 multiplication.
+    """
     rng = random.Random(seed)
     names = ["Ava", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
     things = ["apples", "books", "coins", "marbles", "pens", "shells", "stamps", "cards"]
@@ -37,7 +40,7 @@ def arithmetic_examples(count: int, seed: int) -> List[Dict[str, str]]:
     for _ in range(count):
         name, thing = rng.choice(names), rng.choice(things)
         a, b = rng.randint(2, 60), rng.randint(2, 40)
-        kind = rng.randrange(3)
+        kind = rng.choice(kinds)
         if kind == 0:
             q = f"{name} has {a} {thing} and finds {b} more. How many {thing} does {name} have?"
             r, work = a + b, f"{a} + {b} = {a + b}"
@@ -117,18 +120,64 @@ def tiny_llama3(**overrides) -> torch.nn.Module:
     return llama3(**{**TINY_MODEL, **overrides})
 
 
-def make_tiny_assets(output_dir: Path, num_train: int = 2000, num_val: int = 200, seed: int = 0) -> Dict[str, Path]:
-    """Data, tokenizer and a randomly initialised base model under ``output_dir``."""
+@torch.no_grad()
+def _batches(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
+    starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
+    return torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+def pretrain(model: torch.nn.Module, token_ids: List[int], steps: int, seed: int = 0, lr: float = 3e-3) -> List[float]:
+    """Plain next-token pre-training on a token stream; returns the loss per step."""
+    from tqdm import tqdm
+
+    ids = torch.tensor(token_ids)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    history = []
+    for _ in tqdm(range(steps), desc="pre-training the tiny base", dynamic_ncols=True):
+        batch = _batches(ids, 64, 16, gen)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+    return history
+
+
+def make_tiny_assets(
+    output_dir: Path,
+    num_train: int = 2000,
+    num_val: int = 200,
+    seed: int = 0,
+    pretrain_steps: int = 0,
+) -> Dict[str, Path]:
+    """Data, tokenizer and a tiny base model under ``output_dir``.
+
+    The base is random (``pretrain_steps=0``, for tests) or pre-trained on
+    addition and subtraction only, so that fine-tuning on all three operations
+    (multiplication is new) has something to learn.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = arithmetic_examples(num_train + num_val, seed)
     write_jsonl(rows[:num_train], output_dir / "train.jsonl")
     write_jsonl(rows[num_train:], output_dir / "val.jsonl")
-    texts = [r["question"] + "\n" + r["answer"] for r in rows]
-    (output_dir / "corpus.txt").write_text("\n".join(texts) + "\n")
+    pretrain_rows = arithmetic_examples(4 * num_train, seed + 1, kinds=(0, 1))
+    texts = [r["question"] + "\n" + r["answer"] for r in rows + pretrain_rows]
+    (output_dir / "corpus.txt").write_text("\n".join(texts[len(rows):]) + "\n")
     tokenizer = train_tokenizer(texts, output_dir / "tokenizer", TINY_MODEL["vocab_size"])
     torch.manual_seed(seed)
-    save_hf_llama(tiny_llama3(), output_dir / "base", TINY_MODEL)
+    model = tiny_llama3()
+    if pretrain_steps:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        stream = [t for text in texts[len(rows):] for t in [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]]
+        pretrain(model, stream, pretrain_steps, seed=seed)
+    save_hf_llama(model, output_dir / "base", TINY_MODEL)
     return {
         "tokenizer": tokenizer,
         "train": output_dir / "train.jsonl",
@@ -143,8 +192,10 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=0, help="0: random base")
     args = parser.parse_args()
-    for name, path in make_tiny_assets(args.output_dir, args.num_train, seed=args.seed).items():
+    assets = make_tiny_assets(args.output_dir, args.num_train, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    for name, path in assets.items():
         print(f"{name}: {path}")
 
 
