@@ -13,12 +13,13 @@ checkpointer's format after each stage.
 """
 
 import json
+import math
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -53,11 +54,15 @@ from apex_tune import (
 from apex_tune.checkpointing import (
     RECIPE_STATE_FILE,
     STATE_FORMAT,
+    CheckpointError,
     atomic_torch_save,
+    check_fusion,
     fused_state_dict,
     load_recipe_state,
+    relative_difference,
     replace_dir,
 )
+from apex_tune._faults import fault_point
 from apex_tune.configs import resolve_config
 from apex_tune.model import materialize_apex_buffers_, param_kind
 from apex_tune.selection import LayerSelection
@@ -65,17 +70,34 @@ from apex_tune.selection import LayerSelection
 log = utils.get_logger("INFO")
 
 SELECTION_LOG = "apex_selection.json"
-# Test hook: SIGKILL this process when it reaches the named point (see README,
-# "Failures and resume"); unset in normal runs.
-KILL_AT_ENV = "APEX_TUNE_KILL_AT"
+# Test hook (see apex_tune/_faults.py): poison the gradients of this optimizer step.
+NAN_GRAD_ENV = "APEX_TUNE_NAN_GRAD_AT"
 
 
-def _fault_point(name: str) -> None:
-    if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+class ConfigError(ValueError):
+    """A problem with the run's configuration or inputs, found before training."""
 
 
-def _init_process_group(device: torch.device) -> None:
+class TrainingFault(RuntimeError):
+    """Training stopped on purpose: a non-finite value or a failed fusion check."""
+
+
+def _config_step(field: str, fix: str):
+    """Turn the errors of building ``field`` into one ConfigError that names it."""
+
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc is None or isinstance(exc, ConfigError):
+                return False
+            raise ConfigError(f"{field}: {type(exc).__name__}: {exc}. {fix}") from exc
+
+    return _Guard()
+
+
+def _init_process_group(device: torch.device, timeout_seconds: float) -> None:
     """torchrun sets the rendezvous; a plain ``tune run`` is a group of one."""
     if dist.is_initialized():
         return
@@ -86,7 +108,10 @@ def _init_process_group(device: torch.device) -> None:
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
-    dist.init_process_group(training.get_distributed_backend(device.type))
+    # A bounded timeout: a rank stuck in a collective fails instead of hanging forever.
+    dist.init_process_group(
+        training.get_distributed_backend(device.type), timeout=timedelta(seconds=timeout_seconds)
+    )
 
 
 class ApexFinetuneRecipe(FTRecipeInterface):
@@ -101,8 +126,11 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         if self._dtype == torch.float16:
-            raise ValueError("fp16 training is not supported; use bf16 or fp32")
-        self.settings, self.schedule = parse_apex_config(cfg.get("apex"))
+            raise ConfigError("dtype=fp16 is not supported; use bf16 or fp32")
+        try:
+            self.settings, self.schedule = parse_apex_config(cfg.get("apex"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
         self._output_dir = Path(cfg.output_dir)
         self._batch_size = cfg.batch_size
@@ -113,18 +141,22 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         if self._save_every_n_steps is not None and (
             not isinstance(self._save_every_n_steps, int) or self._save_every_n_steps < 1
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"save_every_n_steps={self._save_every_n_steps!r} must be a positive integer "
                 "or null (save only at stage ends)"
             )
         for name in ("batch_size", "gradient_accumulation_steps", "epochs"):
             if not isinstance(cfg.get(name), int) or cfg.get(name) < 1:
-                raise ValueError(f"{name}={cfg.get(name)!r} must be a positive integer")
+                raise ConfigError(f"{name}={cfg.get(name)!r} must be a positive integer")
+        self._on_nonfinite = cfg.get("on_nonfinite", "stop")
+        if self._on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite={self._on_nonfinite!r} must be 'stop' or 'skip'")
+        self._fusion_tolerance = cfg.get("fusion_check_tolerance", None)
         self._resume = cfg.get("resume_from_checkpoint", False)
         self._compile = cfg.get("compile", False)
         self._activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
 
-        _init_process_group(self._device)
+        _init_process_group(self._device, cfg.get("distributed_timeout_seconds", 600))
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
 
@@ -136,27 +168,27 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         self.steps_in_epoch = 0  # optimizer steps already taken in the current epoch
         self.stage = 0  # index of the current stage
         self._assessment: Dict[str, Any] = {}
+        self._data_counts = {"rows": 0, "rows_without_targets": 0, "rows_at_max_seq_len": 0, "skipped_steps": 0}
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
+        """Build and validate everything first; only then write into output_dir."""
         self._cfg = cfg
-        if self._is_rank_zero:
-            self._metric_logger = config.instantiate(cfg.metric_logger)
-            self._metric_logger.log_config(cfg)
-
         # Our own resume state lives in output_dir; torchtune's recipe-state
         # lookup in the checkpointer stays off.
-        self._checkpointer = config.instantiate(
-            cfg.checkpointer, resume_from_checkpoint=False, should_load_recipe_state=False
-        )
-        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        with _config_step("checkpointer", "Check checkpoint_dir, checkpoint_files and model_type."):
+            self._checkpointer = config.instantiate(
+                cfg.checkpointer, resume_from_checkpoint=False, should_load_recipe_state=False
+            )
+            base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         resumed = load_recipe_state(self._output_dir) if self._resume else None
         if self._resume and resumed is None:
             utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_FILE} in {self._output_dir}, starting fresh")
 
         self._model = self._setup_model(cfg, resumed["model"] if resumed else base_state, fresh=not resumed)
         del base_state
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        with _config_step("tokenizer", "Check tokenizer._component_ and tokenizer.path."):
+            self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
         if self._compile:
             training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
@@ -169,13 +201,17 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         if self.max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
         if self._steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset gives {len(self._dataloader)} batches per rank, fewer than "
                 f"gradient_accumulation_steps={self._grad_accum}: no optimizer step would run. "
                 "Use more data, a smaller batch_size or fewer processes"
             )
         self.total_steps = self.total_epochs * self._steps_per_epoch
-        self.stage_ends = self.schedule.stage_ends(self.total_steps)
+        try:
+            self.stage_ends = self.schedule.stage_ends(self.total_steps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self._probe = self._probe_batch()
 
         self._optimizer = config.instantiate(
             cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
@@ -192,8 +228,13 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         self._ignore_labels_cache = torch.full(
             (self._batch_size, 1), self._loss_fn.ignore_index, device=self._device
         )
+        # Everything is validated: from here on the run writes into output_dir.
+        if self._is_rank_zero:
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
         if not resumed:
             selection = self._initial_selection(cfg)
+            self._check_same_selection(selection)
             set_selection(self._model, selection)
             self._log_selection(selection, step=0, scores=self._assessment)
         self._ranker.attach()
@@ -207,9 +248,13 @@ class ApexFinetuneRecipe(FTRecipeInterface):
     def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, torch.Tensor], fresh: bool) -> nn.Module:
         """Meta-init, wrap, shard, then load ``state_dict``: the base model (``fresh``:
         APEX starts from new operators) or a saved wrapped model (resume)."""
-        with training.set_default_dtype(self._dtype), torch.device("meta"):
-            model = config.instantiate(cfg.model)
-        apply_apex(model, self.settings)
+        with _config_step("model", "Check model._component_ and its arguments."):
+            with training.set_default_dtype(self._dtype), torch.device("meta"):
+                model = config.instantiate(cfg.model)
+        try:
+            apply_apex(model, self.settings)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from e
         set_apex_trainable(model, self.settings)
         if self._compile:
             training.compile_model(model, verbose=self._is_rank_zero)
@@ -234,21 +279,22 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         expected = model.state_dict()
         unexpected = sorted(set(full_sd) - set(expected))
         if unexpected:
-            raise ValueError(
-                f"checkpoint has keys the model does not: {unexpected[:5]}...; does checkpointer "
-                "match model?"
+            raise ConfigError(
+                f"checkpointer: the checkpoint has keys the model does not ({unexpected[:3]}...): "
+                "do checkpointer.model_type and model match?"
             )
         for name, value in expected.items():
             if name in full_sd:
                 if tuple(full_sd[name].shape) != tuple(value.shape):
-                    raise ValueError(
-                        f"checkpoint tensor {name} has shape {tuple(full_sd[name].shape)}, the model "
-                        f"expects {tuple(value.shape)}: does the checkpoint match the model config?"
+                    raise ConfigError(
+                        f"checkpointer: tensor {name} has shape {tuple(full_sd[name].shape)} in the "
+                        f"checkpoint, the model expects {tuple(value.shape)}: does the model config "
+                        "match the checkpoint?"
                     )
             elif param_kind(name) in ("operators", "vectors", "deltas"):
                 full_sd[name] = torch.zeros(value.shape, dtype=value.dtype)  # re-initialised below
             else:
-                raise ValueError(f"checkpoint is missing base weight {name}")
+                raise ConfigError(f"checkpointer: the checkpoint lacks base weight {name}")
         training.load_from_full_model_state_dict(model, full_sd, self._device, strict=True)
         if fresh:
             init_apex_(model, self._device, seed=self.seed)
@@ -259,11 +305,17 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         return model
 
     def _setup_dataset(self, cfg_dataset):
-        if isinstance(cfg_dataset, ListConfig):
-            return ConcatDataset([config.instantiate(c, self._tokenizer) for c in cfg_dataset])
-        ds = config.instantiate(cfg_dataset, self._tokenizer)
+        nodes = list(cfg_dataset) if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]
+        for node in nodes:
+            files = node.get("data_files")
+            for f in [files] if isinstance(files, str) else list(files or []):
+                if not Path(f).exists():
+                    raise ConfigError(f"dataset.data_files: {f} does not exist; point it at your data")
+        with _config_step("dataset", "Check dataset.source, data_files, split and column names."):
+            datasets = [config.instantiate(node, self._tokenizer) for node in nodes]
+        ds = ConcatDataset(datasets) if len(datasets) > 1 else datasets[0]
         if len(ds) == 0:
-            raise ValueError("the dataset is empty: check dataset.data_files / source / split")
+            raise ConfigError("dataset: it has no examples; check dataset.data_files, source and split")
         return ds
 
     def _collate(self):
@@ -305,7 +357,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         for i, batch in enumerate(
             tqdm(loader, desc="APEX assessment", disable=not self._is_rank_zero, dynamic_ncols=True)
         ):
-            _fault_point(f"assess:{i}")
+            fault_point(f"assess:{i}")
             utils.batch_to_device(batch, self._device)
             labels = batch.pop("labels")
             self._ranker.begin_microbatch(self._loss_mask(labels))
@@ -352,7 +404,9 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             dynamic_ncols=True,
         )
         t0 = time.perf_counter()
-        running_loss, num_tokens = 0.0, 0
+        # loss sum, target tokens, rows, rows without targets, rows at max_seq_len
+        stats = torch.zeros(5, dtype=torch.float64, device=self._device)
+        max_seq_len = getattr(self._tokenizer, "max_seq_len", None)
         for epoch in range(self.epochs_run, self.total_epochs):
             self._dataloader.sampler.set_epoch(epoch)
             micro = 0
@@ -360,61 +414,35 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 utils.batch_to_device(batch, self._device)
                 labels = batch.pop("labels")
                 labels = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
-                tokens = (labels != self._loss_fn.ignore_index).sum()
-                num_tokens += tokens
-                self._ranker.begin_microbatch(labels != self._loss_fn.ignore_index)
+                targets = labels != self._loss_fn.ignore_index
+                tokens = targets.sum()
+                self._ranker.begin_microbatch(targets)
                 logits = self._model(**batch)
                 if not isinstance(logits, list):
                     labels = labels.reshape(-1)
                     logits = logits.reshape(-1, logits.size(-1))
-                loss = self._loss_fn(logits, labels) * tokens
+                if tokens.item() == 0:
+                    # Nothing to learn here (the mean loss would be 0/0 = NaN), but every
+                    # rank must still run backward for FSDP's collectives: a zero loss.
+                    loss = sum(chunk.sum() for chunk in logits) * 0.0 if isinstance(logits, list) else logits.sum() * 0.0
+                else:
+                    loss = self._loss_fn(logits, labels) * tokens
                 del logits
-                running_loss += loss.detach()
                 loss.backward()
+                at_max = 0
+                if max_seq_len is not None and batch["tokens"].shape[1] >= max_seq_len:
+                    at_max = (batch["tokens"][:, -1] != self._tokenizer.pad_id).sum()
+                stats += torch.stack(
+                    [loss.detach().double(), tokens.double(), torch.tensor(float(targets.shape[0]), device=self._device),
+                     (targets.sum(1) == 0).sum().double(), torch.as_tensor(at_max, device=self._device).double()]
+                )
                 micro += 1
                 if micro % self._grad_accum:
                     continue
 
-                # one optimizer step
-                dist.all_reduce(num_tokens)
-                dist.all_reduce(running_loss)
-                # FSDP2 averages gradients over ranks; undo that, normalise by tokens.
-                training.scale_grads(self._model, self.world_size / num_tokens)
-                grad_norm = None
-                if self._clip_grad_norm is not None:
-                    grad_norm = nn.utils.clip_grad_norm_(
-                        self._model.parameters(), max_norm=float(self._clip_grad_norm)
-                    )
-                    if isinstance(grad_norm, DTensor):
-                        grad_norm = grad_norm.full_tensor()
-                self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                if self._lr_scheduler is not None:
-                    self._lr_scheduler.step()
-                self.global_step += 1
-                self.steps_in_epoch += 1
-
-                loss_value = (running_loss / num_tokens).item()
-                pbar.update(1)
-                pbar.set_description(
-                    f"stage {self.stage + 1}/{len(self.stage_ends)} | epoch {epoch + 1} | loss {loss_value:.4f}"
-                )
-                if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
-                    elapsed = time.perf_counter() - t0
-                    metrics = {
-                        "loss": loss_value,
-                        "lr": get_lr(self._optimizer),
-                        "tokens_per_second_per_gpu": num_tokens.item() / (elapsed * self.world_size),
-                        "stage": self.stage + 1,
-                    }
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = grad_norm.item()
-                    if self._device.type == "cuda":
-                        metrics.update(training.get_memory_stats(device=self._device))
-                    self._metric_logger.log_dict(metrics, step=self.global_step)
-                running_loss, num_tokens = 0.0, 0
-                _fault_point(f"step:{self.global_step}")
-
+                self._optimizer_step(stats, epoch, pbar, time.perf_counter() - t0)
+                stats.zero_()
+                fault_point(f"step:{self.global_step}")
                 if self.global_step == self.stage_ends[self.stage]:
                     self._stage_boundary()
                 elif self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
@@ -425,6 +453,103 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             self.epochs_run += 1
             self.steps_in_epoch = 0
         pbar.close()
+        if self._is_rank_zero:
+            log.info(f"data: {self._data_counts}")
+
+    def _optimizer_step(self, stats: torch.Tensor, epoch: int, pbar: tqdm, elapsed: float) -> None:
+        """Normalise, check, clip and apply the accumulated gradients; log."""
+        dist.all_reduce(stats)
+        loss_sum, num_tokens, rows, without_targets, at_max = stats.tolist()
+        counts = self._data_counts
+        counts["rows"] += int(rows)
+        counts["rows_without_targets"] += int(without_targets)
+        counts["rows_at_max_seq_len"] += int(at_max)
+        step = self.global_step + 1
+        if os.environ.get(NAN_GRAD_ENV) == str(step):
+            for p in self._model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        skip_reason = None
+        grad_norm = None
+        if num_tokens == 0:
+            skip_reason = "no target tokens in the batch"
+        else:
+            # FSDP2 averages gradients over ranks; undo that, normalise by tokens.
+            training.scale_grads(self._model, torch.tensor(self.world_size / num_tokens))
+            max_norm = float(self._clip_grad_norm) if self._clip_grad_norm is not None else float("inf")
+            grad_norm = nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=max_norm)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = grad_norm.item()
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                message = (
+                    f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} at step {step} "
+                    f"(stage {self.stage + 1}, epoch {epoch + 1}): loss sum {loss_sum}, grad norm {grad_norm}"
+                )
+                if self._on_nonfinite == "stop":
+                    raise TrainingFault(
+                        f"{message}. Nothing was applied or saved after it; the last good checkpoint "
+                        f"in {self._output_dir} is kept. Lower optimizer.lr, set clip_grad_norm, or "
+                        "set on_nonfinite=skip to skip such steps"
+                    )
+                skip_reason = message
+        if skip_reason is None:
+            self._optimizer.step()
+        else:
+            counts["skipped_steps"] += 1
+            utils.log_rank_zero(log, f"skipping the update of step {step}: {skip_reason}")
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        self.global_step = step
+        self.steps_in_epoch += 1
+
+        loss_value = loss_sum / num_tokens if num_tokens else float("nan")
+        pbar.update(1)
+        pbar.set_description(
+            f"stage {self.stage + 1}/{len(self.stage_ends)} | epoch {epoch + 1} | loss {loss_value:.4f}"
+        )
+        if self._is_rank_zero and step % self._log_every_n_steps == 0:
+            metrics = {
+                "loss": loss_value,
+                "lr": get_lr(self._optimizer),
+                "tokens_per_second_per_gpu": num_tokens / (elapsed * self.world_size),
+                "stage": self.stage + 1,
+                **{k: v for k, v in counts.items() if k != "rows"},
+            }
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            if self._device.type == "cuda":
+                metrics.update(training.get_memory_stats(device=self._device))
+            self._metric_logger.log_dict(metrics, step=step)
+
+    def _probe_batch(self) -> torch.Tensor:
+        """A fixed small batch (the dataset's first examples) for fusion checks."""
+        rows = [self._dataset[i] for i in range(min(2, len(self._dataset)))]
+        tokens = self._collate()(rows)["tokens"][:, :64]
+        return tokens.to(self._device)
+
+    @torch.no_grad()
+    def _probe_logits(self) -> torch.Tensor:
+        self._model.eval()
+        self._ranker.detach()
+        logits = self._model(self._probe)
+        self._ranker.attach()
+        self._model.train()
+        return torch.cat(logits, dim=1) if isinstance(logits, list) else logits
+
+    def _tolerance(self) -> float:
+        if self._fusion_tolerance is not None:
+            return float(self._fusion_tolerance)
+        return 1e-3 if self._dtype == torch.float32 else 5e-2
+
+    def _check_same_selection(self, selection: List[LayerSelection]) -> None:
+        """Every rank must have chosen the same units (their scores were all-reduced)."""
+        mine = [s.to_dict() for s in selection]
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        if any(other != everyone[0] for other in everyone):
+            raise TrainingFault("ranks disagree on the APEX selection; their scores were not summed alike")
 
     def _stage_boundary(self) -> None:
         """Fuse, re-select from the stage's scores, reset operators and optimizer state."""
@@ -441,15 +566,30 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 self._ranker.all_reduce()
                 next_selection = self._ranker.select()
                 scores = self._ranker.scores()
+            self._check_same_selection(next_selection)
+        # Never fold a non-finite operator into the weights.
+        for name, param in self._model.named_parameters():
+            if param.requires_grad and not torch.isfinite(param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()).all():
+                raise TrainingFault(
+                    f"stage {finished + 1} ends at step {self.global_step} with non-finite values in "
+                    f"{name}; not fusing. The last good checkpoint in {self._output_dir} is kept"
+                )
+        before = self._probe_logits()
         merge_apex_(self._model, seed=self.seed + finished + 1)
+        difference = relative_difference(before, self._probe_logits())
         fuse_seconds = time.perf_counter() - start
+        check_fusion(difference, self._tolerance(), f"stage {finished + 1} fusion at step {self.global_step}")
         self.stage += 1
         if next_selection is not None:
             set_selection(self._model, next_selection)
             self._log_selection(next_selection, step=self.global_step, scores=scores)
         self._ranker.reset()
         self._optimizer.state.clear()
-        utils.log_rank_zero(log, f"stage {finished + 1} done at step {self.global_step}: fused in {fuse_seconds:.3f}s")
+        utils.log_rank_zero(
+            log,
+            f"stage {finished + 1} done at step {self.global_step}: fused in {fuse_seconds:.3f}s, "
+            f"fused-vs-wrapped difference {difference:.2e} on the probe batch",
+        )
         # The live model is fused now: its base weights are the plain model.
         self.save_checkpoint(label=f"stage_{finished + 1}", fused=False)
 
@@ -458,9 +598,10 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         """Write the plain model (HF in -> HF out) as ``output_dir/label`` and the resume state.
 
         ``fused=False``: the live model was just merged, so its base weights are
-        the plain model. ``fused=True``: fuse a CPU copy, leaving training as is.
+        the plain model. ``fused=True``: fuse a CPU copy, leaving training as is;
+        it must reproduce the wrapped model on the probe batch, or nothing is saved.
         """
-        _fault_point(f"save:{label}")
+        fault_point(f"save:{label}")
         wrapped_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero)
         optim_sd = training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero)
         loader_states = [None] * self.world_size
@@ -470,16 +611,27 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         epoch_done = self.steps_in_epoch >= self._steps_per_epoch
         if epoch_done:
             loader_states = None
+        failure = [None]
         if self._is_rank_zero:
             selection = get_selection(self._model)
             if fused:
-                plain = fused_state_dict(
-                    lambda: config.instantiate(self._cfg.model), self.settings, wrapped_sd, selection
+                plain, difference = fused_state_dict(
+                    lambda: config.instantiate(self._cfg.model), self.settings, wrapped_sd, selection, self._probe
                 )
+                try:
+                    check_fusion(difference, self._tolerance(), f"checkpoint {label}")
+                except CheckpointError as e:
+                    failure = [str(e)]
             else:
                 plain = {k: v for k, v in wrapped_sd.items() if param_kind(k) in ("base", "embeddings")}
+            if failure[0] is None and not all(torch.isfinite(v).all() for v in plain.values()):
+                failure = [f"checkpoint {label}: the fused weights are not finite; nothing was saved"]
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise CheckpointError(failure[0])
+        if self._is_rank_zero:
             self._write_model(plain, label)
-            _fault_point(f"save_state:{label}")
+            fault_point(f"save_state:{label}")
             atomic_torch_save(
                 {
                     "format": STATE_FORMAT,
@@ -488,6 +640,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                     "optimizer": optim_sd,
                     "dataloader": loader_states,
                     "ranker": ranker_state,
+                    "data_counts": dict(self._data_counts),
                     "progress": {
                         "seed": self.seed,
                         "epochs_run": self.epochs_run + int(epoch_done),
@@ -501,6 +654,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                     "rng": torch.get_rng_state(),
                 },
                 self._output_dir / RECIPE_STATE_FILE,
+                fault_label=label,
             )
         dist.barrier()
 
@@ -517,19 +671,19 @@ class ApexFinetuneRecipe(FTRecipeInterface):
     def _restore(self, state: Dict[str, Any]) -> None:
         progress = state["progress"]
         if progress["total_steps"] != self.total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"the saved run has {progress['total_steps']} optimizer steps, this config gives "
                 f"{self.total_steps}: resume with the same data, batch and epoch settings"
             )
         if progress["seed"] != self.seed:
-            raise ValueError(f"the saved run used seed={progress['seed']}, this config seed={self.seed}")
+            raise ConfigError(f"seed: the saved run used seed={progress['seed']}, this config seed={self.seed}")
         set_selection(self._model, [LayerSelection.from_dict(d) for d in state["selection"]])
         if state["optimizer"]:
             training.load_from_full_optimizer_state_dict(
                 self._model, self._optimizer, state["optimizer"], self._device
             )
         if progress["world_size"] != self.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the saved run used {progress['world_size']} processes, this one {self.world_size}: "
                 "resume with the same --nproc_per_node"
             )
@@ -537,10 +691,14 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             self._dataloader.load_state_dict(state["dataloader"][self.rank])
         self._ranker.load_state_dict(state["ranker"], keep=self._is_rank_zero)
         torch.set_rng_state(state["rng"])
+        self._data_counts.update(state.get("data_counts", {}))
         self.epochs_run = progress["epochs_run"]
         self.global_step = progress["global_step"]
         self.steps_in_epoch = progress["steps_in_epoch"]
         self.stage = progress["stage"]
+        if self._is_rank_zero:  # staging folders of saves that a crash cut short
+            for step in range(self.global_step + 1, self.total_steps + 1):
+                shutil.rmtree(self._output_dir / f"epoch_{step}", ignore_errors=True)
         utils.log_rank_zero(
             log, f"resumed from {progress['checkpoint']} at step {self.global_step}, stage {self.stage + 1}"
         )
@@ -578,7 +736,13 @@ def recipe_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     sys.argv = [sys.argv[0]] + _resolve_config_arg(sys.argv[1:])
-    sys.exit(recipe_main())
+    try:
+        recipe_main()
+    except (ConfigError, TrainingFault, CheckpointError) as e:
+        # One clear line, not a traceback: these are the run's inputs or state, not a bug.
+        kind = "config error" if isinstance(e, ConfigError) else "stopped"
+        print(f"apex_finetune: {kind}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
