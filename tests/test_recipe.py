@@ -195,3 +195,22 @@ def test_unknown_config_name(assets, tmp_path):
     assert proc.returncode != 0
     assert "llama9/404B_apex" in proc.stderr and "llama2/7B_apex" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_activation_checkpointing_changes_nothing(assets, tmp_path):
+    """Recomputed forwards must not be scored twice nor change the result."""
+    plain, checkpointed = tmp_path / "plain", tmp_path / "ac"
+    tune_run(assets, plain, "max_steps_per_epoch=3")
+    tune_run(assets, checkpointed, "max_steps_per_epoch=3", "enable_activation_checkpointing=True")
+    assert losses(plain) == pytest.approx(losses(checkpointed), abs=1e-5)
+    sel = [json.loads((d / "apex_selection.json").read_text()) for d in (plain, checkpointed)]
+    assert [e["layers"] for e in sel[0]] == [e["layers"] for e in sel[1]]
+    assert [e["scores"] for e in sel[0]] == [e["scores"] for e in sel[1]]
+
+
+def test_gradient_accumulation_matches_large_batch(assets, tmp_path):
+    big, accumulated = tmp_path / "big", tmp_path / "accum"
+    common = ["apex.selection=random", "max_steps_per_epoch=3"]
+    tune_run(assets, big, "batch_size=8", *common)
+    tune_run(assets, accumulated, "batch_size=4", "gradient_accumulation_steps=2", *common)
+    assert losses(big) == pytest.approx(losses(accumulated), abs=1e-4)
