@@ -25,6 +25,7 @@ def apex_model(
     tuned_ratio_channels: Optional[float] = None,
     delta: bool = False,
     train_embeddings: bool = False,
+    quantize_base: bool = False,
 ) -> nn.Module:
     """``base`` wrapped with APEX (placeholder selection, M = 0) and only APEX trainable.
 
@@ -41,6 +42,7 @@ def apex_model(
         tuned_ratio_channels=tuned_ratio_channels,
         delta=delta,
         train_embeddings=train_embeddings,
+        quantize_base=quantize_base,
     )
     if isinstance(base, Mapping):
         base = config.instantiate(OmegaConf.create(dict(base)))

@@ -102,6 +102,10 @@ def fused_state_dict(
     with torch.device("meta"):
         model = build_model()
     apply_apex(model, settings)
+    if settings.quantize_base:  # the frozen stages the state holds; weights load dequantized
+        from apex_tune.quantization import ensure_history_
+
+        ensure_history_(model, wrapped_state_dict)
     tensors = {k: v.detach().clone() for k, v in wrapped_state_dict.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     materialize_apex_buffers_(model, torch.device("cpu"))

@@ -127,6 +127,12 @@ class _ApexLinear(nn.Module):
     def adapter_params(self) -> List[str]:
         return ["delta"] if self.delta is not None else []
 
+    def fuse_(self) -> None:
+        """Fold everything into ``weight``/``bias`` for the plain model (:func:`fuse_apex`).
+        Here the same as :meth:`merge_`; the quantized wrappers also fold their
+        frozen stages and dequantize."""
+        self.merge_()
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -180,7 +186,10 @@ class ApexColumnLinear(_ApexLinear):
         return torch.cat([mixed, advantageous * self.b, tuned[..., 2 * n :]], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        return self._expand(x, F.linear(x, self.weight, self.bias))
+
+    def _expand(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This stage's change to the outputs ``y`` of the weights it wraps."""
         if self.delta is not None:
             tuned = y.index_select(-1, self.positions) + F.linear(x, self.delta)
         elif self.expansion is not None:

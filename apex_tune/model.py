@@ -50,6 +50,11 @@ class ApexLayer:
         owner = self.attn if kind == HEADS else self.mlp
         return getattr(owner, "apex_expansion", None)
 
+    def history(self, kind: str) -> Optional[nn.Module]:
+        """The frozen earlier stages of a quantized base (None without ``quantize_base``)."""
+        owner = self.attn if kind == HEADS else self.mlp
+        return getattr(owner, "apex_history", None)
+
 
 def find_apex_layers(model: nn.Module) -> List[ApexLayer]:
     """The decoder layers APEX can expand; a clear error if there are none or one is malformed."""
@@ -139,6 +144,10 @@ def apply_apex(
         mlp.w1 = ApexColumnLinear(_linear(mlp.w1), tuned_ch, 1, channels, settings.delta)
         mlp.w3 = ApexColumnLinear(_linear(mlp.w3), tuned_ch, 1, channels, settings.delta)
         mlp.w2 = ApexRowLinear(_linear(mlp.w2), tuned_ch, 1, 1, channels, settings.delta)
+    if settings.quantize_base:
+        from apex_tune.quantization import quantize_apex_base_
+
+        quantize_apex_base_(model)
     if selection is not None:
         set_selection(model, selection)
     return model
@@ -257,9 +266,15 @@ def merge_apex_(model: nn.Module, seed: int = 0) -> None:
     """Stage boundary: fold W' (with delta) into the base weights, then reset the operators.
 
     The model keeps its wrappers and computes the same function before and after.
+    Over a quantized base the fold is deferred instead: the stage's operators
+    are frozen into the layer's ``apex_history`` (see :mod:`apex_tune.quantization`).
     """
     for layer in _wrapped_layers(model):
         for kind in (HEADS, CHANNELS):
+            history = layer.history(kind)
+            if history is not None:
+                history.freeze_(layer.expansion(kind), list(_wrappers(layer, kind)))
+                continue
             for wrapper in _wrappers(layer, kind):
                 wrapper.merge_()
     reset_apex_parameters(model, seed)
@@ -270,18 +285,25 @@ def fuse_apex(model: nn.Module) -> nn.Module:
     """Fold the operators into the weights and remove every wrapper, in place.
 
     The result is the plain base architecture: its state dict has exactly the
-    base model's keys and shapes.
+    base model's keys and shapes. A quantized base is folded with its frozen
+    stages and dequantized: the result holds no NF4 weights.
     """
     for layer in _wrapped_layers(model):
         for kind in (HEADS, CHANNELS):
             for wrapper in _wrappers(layer, kind):
-                wrapper.merge_()
+                wrapper.fuse_()
         for owner, names in ((layer.attn, ("q_proj", "k_proj", "v_proj", "output_proj")), (layer.mlp, ("w1", "w3", "w2"))):
             for name in names:
                 module = getattr(owner, name)
                 if isinstance(module, _ApexLinear):
                     setattr(owner, name, _plain_linear(module))
+                elif hasattr(module.weight, "get_original_weight"):  # an NF4 weight APEX did not wrap
+                    module.weight = nn.Parameter(
+                        module.weight.get_original_weight(), requires_grad=module.weight.requires_grad
+                    )
             del owner.apex_expansion
+            if hasattr(owner, "apex_history"):
+                del owner.apex_history
     return model
 
 
@@ -311,6 +333,8 @@ def set_apex_trainable(model: nn.Module, settings: ApexSettings) -> None:
 
 def param_kind(name: str) -> str:
     """Report bucket of a parameter name."""
+    if ".apex_history." in name:  # frozen operators of earlier stages (quantized base)
+        return "history"
     leaf = name.rsplit(".", 1)[-1]
     if leaf in ("L1", "L2"):
         return "operators"
@@ -327,11 +351,15 @@ def trainable_parameter_report(model: nn.Module) -> dict:
     """Counts of all and of trainable parameters, by kind; works on the meta device.
 
     Kinds: operators (Monarch L1, L2), vectors (a, b), deltas, embeddings
-    (token embeddings and output head), base (anything else). The base total
+    (token embeddings and output head), history (the frozen operators of earlier
+    stages over a quantized base), base (anything else). The base total
     excludes APEX's own parameters, so ``trainable_fraction`` is relative to the
     plain model that fusion gives back.
     """
-    by_kind = {k: {"total": 0, "trainable": 0} for k in ("operators", "vectors", "deltas", "embeddings", "base")}
+    by_kind = {
+        k: {"total": 0, "trainable": 0}
+        for k in ("operators", "vectors", "deltas", "embeddings", "history", "base")
+    }
     for name, param in model.named_parameters():  # shared parameters are listed once
         kind = param_kind(name)
         by_kind[kind]["total"] += param.numel()

@@ -79,23 +79,15 @@ class MonarchMatrix(nn.Module):
         assign_(self.L2, torch.zeros(self.L2.shape, device=self.L2.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        b, p = self.nblocks, self.block_size
-        if self.padded_n != self.n:
-            x = nn.functional.pad(x, (0, self.padded_n - self.n))
-        # (blocks, rows, p) so each block is one bmm batch entry.
-        h = x.reshape(-1, b, p).transpose(0, 1)
-        h = torch.bmm(h, self.L1.transpose(1, 2))
-        # P: read the (b, p) grid column-major, i.e. transpose to (p, b) and
-        # regroup into b blocks of p. Each new block then mixes all old blocks.
-        rows = h.shape[1]
-        h = h.transpose(0, 1).transpose(1, 2).reshape(rows, b, p)
-        h = torch.bmm(h.transpose(0, 1), self.L2.transpose(1, 2))
-        # P^T: undo the regrouping.
-        h = h.transpose(0, 1).reshape(rows, p, b).transpose(1, 2).reshape(rows, self.padded_n)
-        if self.padded_n != self.n:
-            h = h[:, : self.n]
-        return h.reshape(*lead, self.n)
+        return monarch_apply(x, self.L1, self.L2, self.n)
+
+    def apply_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ M``: M^T applied to every length-n row of x, in O(n sqrt(n)) as well.
+
+        Used where M acts on a layer's inputs rather than its weights (the
+        row wrappers over a quantized base, see :mod:`apex_tune.quantization`).
+        """
+        return monarch_apply(x, self.L1, self.L2, self.n, transpose=True)
 
     def to_dense(self) -> torch.Tensor:
         """The dense n x n matrix M (for fusion checks and tests, not the hot path)."""
@@ -105,3 +97,41 @@ class MonarchMatrix(nn.Module):
     def extra_repr(self) -> str:
         pad = f", padded_n={self.padded_n}" if self.padded_n != self.n else ""
         return f"n={self.n}, nblocks={self.nblocks}, block_size={self.block_size}{pad}"
+
+
+def monarch_apply(
+    x: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor, n: int, transpose: bool = False
+) -> torch.Tensor:
+    """``x @ M.T`` (or ``x @ M`` with ``transpose``) for M = P^T . BD(L2) . P . BD(L1).
+
+    ``L1``/``L2`` are the ``(nblocks, block_size, block_size)`` factors; rows of
+    ``x`` have length ``n`` (zero-padded to ``nblocks * block_size`` inside).
+    As column-vector operators, M = P^T BD(L2) P BD(L1), so
+    M^T = BD(L1)^T P^T BD(L2)^T P: the transposed apply runs the same steps in
+    reverse order with untransposed blocks.
+    """
+    lead = x.shape[:-1]
+    b, p = L1.shape[0], L1.shape[1]
+    padded_n = b * p
+    if padded_n != n:
+        x = nn.functional.pad(x, (0, padded_n - n))
+    h = x.reshape(-1, b, p)  # (rows, blocks, p)
+    rows = h.shape[0]
+    if not transpose:
+        # BD(L1): each block is one bmm batch entry.
+        h = torch.bmm(h.transpose(0, 1), L1.transpose(1, 2)).transpose(0, 1)
+        # P: read the (b, p) grid column-major, i.e. transpose to (p, b) and
+        # regroup into b blocks of p. Each new block then mixes all old blocks.
+        h = h.transpose(1, 2).reshape(rows, b, p)
+        h = torch.bmm(h.transpose(0, 1), L2.transpose(1, 2)).transpose(0, 1)
+        # P^T: undo the regrouping.
+        h = h.reshape(rows, p, b).transpose(1, 2)
+    else:
+        h = h.transpose(1, 2).reshape(rows, b, p)  # P
+        h = torch.bmm(h.transpose(0, 1), L2).transpose(0, 1)  # BD(L2)^T
+        h = h.reshape(rows, p, b).transpose(1, 2)  # P^T
+        h = torch.bmm(h.transpose(0, 1), L1).transpose(0, 1)  # BD(L1)^T
+    h = h.reshape(rows, padded_n)
+    if padded_n != n:
+        h = h[:, :n]
+    return h.reshape(*lead, n)

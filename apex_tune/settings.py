@@ -24,6 +24,14 @@ class ApexSettings:
         delta (bool): train a zero-initialised dense delta on the tuned units'
             rows/columns of q, k, v, output_proj, w1, w3, w2.
         train_embeddings (bool): also train the token embeddings and output head.
+        quantize_base (bool): keep the frozen base weights of every layer's
+            attention and FFN projections in 4-bit NF4 (torchao), as torchtune's
+            QLoRA builders do; embeddings, norms and the output head stay in the
+            run dtype. Fusion is then deferred: a stage boundary freezes the
+            stage's operators instead of re-quantizing folded weights, and the
+            plain checkpoint is folded once, in fp32, from the dequantized base
+            (see :mod:`apex_tune.quantization`). Each projection's element count
+            must be a multiple of 64 * 256 (NF4 block and scaler block).
     """
 
     ratio: float = 0.1875
@@ -31,6 +39,7 @@ class ApexSettings:
     tuned_ratio_channels: Optional[float] = None
     delta: bool = False
     train_embeddings: bool = False
+    quantize_base: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 0.5:
@@ -49,6 +58,9 @@ class ApexSettings:
                     f"[2 * apex.ratio, 1] = [{2 * self.ratio:g}, 1], since N and P are "
                     "always tuned; set it to null to tune only N and P"
                 )
+
+        if not isinstance(self.quantize_base, bool):
+            raise ValueError(f"apex.quantize_base={self.quantize_base!r} must be true or false")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,7 +12,7 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -26,6 +26,9 @@ TINY_MODEL = dict(
     intermediate_dim=176,
     max_seq_len=256,
 )
+# configs/dev/tiny_qapex.yaml: NF4 needs every projection's size to be a multiple
+# of 64 * 256 elements, which 64-wide layers are not (k/v_proj: 16 x 64).
+TINY_QAPEX_MODEL = dict(TINY_MODEL, embed_dim=256, intermediate_dim=512)
 
 
 def arithmetic_examples(count: int, seed: int, kinds=(0, 1, 2)) -> List[Dict[str, str]]:
@@ -115,6 +118,7 @@ def save_hf_llama(model: torch.nn.Module, out_dir: Path, cfg: Dict[str, int]) ->
 
 
 def tiny_llama3(**overrides) -> torch.nn.Module:
+    """The tiny model (``TINY_MODEL``); pass ``**TINY_QAPEX_MODEL`` for the QAPEX one."""
     from torchtune.models.llama3 import llama3
 
     return llama3(**{**TINY_MODEL, **overrides})
@@ -153,13 +157,16 @@ def make_tiny_assets(
     num_val: int = 200,
     seed: int = 0,
     pretrain_steps: int = 0,
+    model: Optional[Dict[str, int]] = None,
 ) -> Dict[str, Path]:
     """Data, tokenizer and a tiny base model under ``output_dir``.
 
     The base is random (``pretrain_steps=0``, for tests) or pre-trained on
     addition and subtraction only, so that fine-tuning on all three operations
-    (multiplication is new) has something to learn.
+    (multiplication is new) has something to learn. ``model``: its geometry
+    (default ``TINY_MODEL``; ``TINY_QAPEX_MODEL`` for ``dev/tiny_qapex``).
     """
+    model_cfg = dict(model or TINY_MODEL)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = arithmetic_examples(num_train + num_val, seed)
@@ -168,16 +175,16 @@ def make_tiny_assets(
     pretrain_rows = arithmetic_examples(4 * num_train, seed + 1, kinds=(0, 1))
     texts = [r["question"] + "\n" + r["answer"] for r in rows + pretrain_rows]
     (output_dir / "corpus.txt").write_text("\n".join(texts[len(rows):]) + "\n")
-    tokenizer = train_tokenizer(texts, output_dir / "tokenizer", TINY_MODEL["vocab_size"])
+    tokenizer = train_tokenizer(texts, output_dir / "tokenizer", model_cfg["vocab_size"])
     torch.manual_seed(seed)
-    model = tiny_llama3()
+    model = tiny_llama3(**model_cfg)
     if pretrain_steps:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
         stream = [t for text in texts[len(rows):] for t in [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]]
         pretrain(model, stream, pretrain_steps, seed=seed)
-    save_hf_llama(model, output_dir / "base", TINY_MODEL)
+    save_hf_llama(model, output_dir / "base", model_cfg)
     return {
         "tokenizer": tokenizer,
         "train": output_dir / "train.jsonl",
@@ -193,8 +200,15 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-steps", type=int, default=0, help="0: random base")
+    parser.add_argument(
+        "--model", choices=("apex", "qapex"), default="apex",
+        help="base geometry: dev/tiny_apex (default) or dev/tiny_qapex (NF4-compatible sizes)",
+    )
     args = parser.parse_args()
-    assets = make_tiny_assets(args.output_dir, args.num_train, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    assets = make_tiny_assets(
+        args.output_dir, args.num_train, seed=args.seed, pretrain_steps=args.pretrain_steps,
+        model=TINY_QAPEX_MODEL if args.model == "qapex" else TINY_MODEL,
+    )
     for name, path in assets.items():
         print(f"{name}: {path}")
 

@@ -64,7 +64,9 @@ from apex_tune.checkpointing import (
 )
 from apex_tune._faults import fault_point
 from apex_tune.configs import resolve_config
+from apex_tune.memory_options import activation_offloading, check_memory_options, load_from_full_optimizer_state_dict
 from apex_tune.model import materialize_apex_buffers_, param_kind
+from apex_tune.quantization import ensure_history_, load_from_full_model_state_dict, resume_state_dict, shard_model
 from apex_tune.selection import LayerSelection
 
 log = utils.get_logger("INFO")
@@ -155,6 +157,11 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         self._resume = cfg.get("resume_from_checkpoint", False)
         self._compile = cfg.get("compile", False)
         self._activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
+        self._activation_offloading = cfg.get("enable_activation_offloading", False)
+        try:  # memory switches the device cannot use (apex_tune/memory_options.py)
+            check_memory_options(cfg, self._device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
         _init_process_group(self._device, cfg.get("distributed_timeout_seconds", 600))
         self.world_size, self.rank = utils.get_world_size_and_rank()
@@ -185,8 +192,12 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         if self._resume and resumed is None:
             utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_FILE} in {self._output_dir}, starting fresh")
 
-        self._model = self._setup_model(cfg, resumed["model"] if resumed else base_state, fresh=not resumed)
-        del base_state
+        state = resumed["model"] if resumed else base_state
+        if resumed and self.settings.quantize_base:  # bit-identical NF4 from the base checkpoint
+            state = resume_state_dict(state, base_state)
+        self._model = self._setup_model(cfg, state, fresh=not resumed)
+        del base_state, state
+        self._activations_ctx = activation_offloading(self._model, self._activation_offloading)
         with _config_step("tokenizer", "Check tokenizer._component_ and tokenizer.path."):
             self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
@@ -263,7 +274,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
         mesh = dist.device_mesh.init_device_mesh(self._device.type, (self.world_size,))
-        training.shard_model(
+        shard_model(  # torchtune's, with NF4 weights kept out of FSDP (apex_tune/quantization.py)
             model=model,
             shard_conditions=[lambda name, m: isinstance(m, modules.TransformerSelfAttentionLayer)],
             cpu_offload=False,
@@ -276,6 +287,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                     m.rope_init()
 
         full_sd = dict(state_dict)
+        ensure_history_(model, full_sd)  # frozen stages of a quantized base, on resume
         expected = model.state_dict()
         unexpected = sorted(set(full_sd) - set(expected))
         if unexpected:
@@ -295,7 +307,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 full_sd[name] = torch.zeros(value.shape, dtype=value.dtype)  # re-initialised below
             else:
                 raise ConfigError(f"checkpointer: the checkpoint lacks base weight {name}")
-        training.load_from_full_model_state_dict(model, full_sd, self._device, strict=True)
+        load_from_full_model_state_dict(model, full_sd, self._device, strict=True)
         if fresh:
             init_apex_(model, self._device, seed=self.seed)
         else:  # operators come from the state; the selection is set by _restore
@@ -417,7 +429,8 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 targets = labels != self._loss_fn.ignore_index
                 tokens = targets.sum()
                 self._ranker.begin_microbatch(targets)
-                logits = self._model(**batch)
+                with self._activations_ctx:
+                    logits = self._model(**batch)
                 if not isinstance(logits, list):
                     labels = labels.reshape(-1)
                     logits = logits.reshape(-1, logits.size(-1))
@@ -614,10 +627,11 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         failure = [None]
         if self._is_rank_zero:
             selection = get_selection(self._model)
-            if fused:
+            if fused or self.settings.quantize_base:  # a quantized base is never merged in place
                 plain, difference = fused_state_dict(
                     lambda: config.instantiate(self._cfg.model), self.settings, wrapped_sd, selection, self._probe
                 )
+                log.info(f"checkpoint {label}: fused-vs-wrapped difference {difference:.2e} on the probe batch")
                 try:
                     check_fusion(difference, self._tolerance(), f"checkpoint {label}")
                 except CheckpointError as e:
@@ -679,7 +693,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             raise ConfigError(f"seed: the saved run used seed={progress['seed']}, this config seed={self.seed}")
         set_selection(self._model, [LayerSelection.from_dict(d) for d in state["selection"]])
         if state["optimizer"]:
-            training.load_from_full_optimizer_state_dict(
+            load_from_full_optimizer_state_dict(  # torchtune's, also for torchao low-bit states
                 self._model, self._optimizer, state["optimizer"], self._device
             )
         if progress["world_size"] != self.world_size:

@@ -71,7 +71,9 @@ def test_bad_config_is_one_clear_error(assets, tmp_path, overrides, named):  # n
 
 # ------------------------------------------------------------ crash + resume
 @pytest.mark.parametrize(
-    "kill_at", ["assess:2", "save:step_3", "save_state:stage_1", "state_renaming:stage_1", "step:7"]
+    # during assessment, while writing the stage-1 model, between writing and renaming the
+    # resume state, and mid-stage 2 (resumes from the step-6 state)
+    "kill_at", ["assess:2", "save_state:stage_1", "state_renaming:stage_1", "step:7"]
 )
 def test_killed_run_resumes_exactly(assets, whole_run, tmp_path, kill_at):  # noqa: F811
     out = tmp_path / "run"
