@@ -22,11 +22,11 @@ import time
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Subset
@@ -347,10 +347,13 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         )
 
     # ------------------------------------------------------------- selection
+    def _shift_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels aligned with the logits: position i is scored on token i + 1."""
+        return torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
+
     def _loss_mask(self, labels: torch.Tensor) -> torch.Tensor:
         """Positions whose next token is trained: padding and ignored positions excluded."""
-        shifted = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
-        return shifted != self._loss_fn.ignore_index
+        return self._shift_labels(labels) != self._loss_fn.ignore_index
 
     @torch.no_grad()
     def _initial_selection(self, cfg: DictConfig) -> List[LayerSelection]:
@@ -425,7 +428,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             for batch in self._dataloader:
                 utils.batch_to_device(batch, self._device)
                 labels = batch.pop("labels")
-                labels = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
+                labels = self._shift_labels(labels)
                 targets = labels != self._loss_fn.ignore_index
                 tokens = targets.sum()
                 self._ranker.begin_microbatch(targets)
