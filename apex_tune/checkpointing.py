@@ -177,8 +177,10 @@ def load_local_optimizer_state(
             raise ValueError(f"{len(ids)} parameters in {len(groups)} groups, the optimizer has {len(params)}")
         optimizer.load_state_dict({"state": {}, "param_groups": groups})
         by_id = dict(zip(ids, params))
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for key, entry in saved["state"]["__items__"] if saved["state"] else []:
             p = by_id[decode(key, tensors, where)]
+            group = group_of[id(p)]
 
             def to_dtensor(local, p=p):
                 return DTensor.from_local(local.to(p.device), p.device_mesh, p.placements,
@@ -189,6 +191,8 @@ def load_local_optimizer_state(
                 if isinstance(value, DTensor) and value.to_local().shape != p.to_local().shape:
                     raise ValueError(f"state {name} has shape {tuple(value.to_local().shape)}, "
                                      f"the parameter's shard {tuple(p.to_local().shape)}")
+                if name == "step" and (group.get("fused") or group.get("capturable")):
+                    state[name] = value.to(dtype=torch.float32, device=p.device)  # as torch's load_state_dict
             optimizer.state[p] = state
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: the optimizer state does not fit this optimizer ({e}); "

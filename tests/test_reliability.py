@@ -153,6 +153,30 @@ def test_dead_rank_takes_the_run_down(assets, tmp_path):  # noqa: F811
     assert "Signals.SIGKILL" in proc.stderr or "exitcode" in proc.stderr
 
 
+@pytest.mark.distributed
+def test_two_processes_killed_rank_resumes_exactly(assets, tmp_path):  # noqa: F811
+    """Rank 1 SIGKILLed mid-stage 2; both restarted from the sharded state (one shard
+    per rank): the same weights as an uninterrupted 2-process run. A different world
+    size is refused in one line."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    common = ["batch_size=4", "save_every_n_steps=3"]
+    tune_run(assets, whole, *common, nproc=2)
+    proc = tune_run(assets, out, *common, nproc=2, env={"APEX_TUNE_KILL_AT": "rank1:step:7"}, check=False)
+    assert proc.returncode != 0
+    manifest = read_state_manifest(out)
+    assert manifest["global_step"] == 6 and manifest["world_size"] == 2
+    shards = sorted(p.name for p in (out / RECIPE_STATE_DIR / manifest["state"]).iterdir())
+    assert shards == ["rank_0.json", "rank_0.safetensors", "rank_1.json", "rank_1.safetensors"]
+
+    refused = tune_run(assets, out, *common, "resume_from_checkpoint=True", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "the saved run used 2 processes, this one 1: resume with the same --nproc_per_node" in refused.stderr
+
+    tune_run(assets, out, *common, "resume_from_checkpoint=True", nproc=2)
+    # fp32 on CPU, same ranks, same reduction order: the resumed run repeats the arithmetic
+    assert max_diff(hf_weights(whole / "stage_2"), hf_weights(out / "stage_2")) <= 1e-6
+
+
 # ------------------------------------------------------------- input data
 def test_awkward_samples_are_handled_and_counted(assets, tmp_path):  # noqa: F811
     rows = [json.loads(line) for line in (assets / "train.jsonl").read_text().splitlines()][:64]

@@ -320,3 +320,34 @@ def test_recipe_refuses_foreign_pickle_resume_state(assets, tmp_path, planted): 
     proc = tune_run(assets, out, "resume_from_checkpoint=True", check=False)
     _assert_one_line_refusal(proc, out, before, ["apex_finetune: stopped: ", str(target), "away to start over"])
     assert not marker.exists(), "the resume state executed code"
+
+
+def test_optimizer_state_round_trip_is_exact_and_saving_changes_nothing():
+    """The optimizer's own state dict through safetensors + JSON: saving an empty state
+    leaves it empty (no hidden step), and a restored AdamW continues bit for bit."""
+    from safetensors.torch import load, save
+
+    from apex_tune.checkpointing import load_local_optimizer_state, local_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    before = [p.detach().clone() for p in model.parameters()]
+    local_optimizer_state(optimizer, {})
+    assert not optimizer.state and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    x = torch.randn(5, 4)
+    model(x).square().sum().backward()
+    optimizer.step()
+    tensors = {}
+    meta = json.loads(json.dumps(local_optimizer_state(optimizer, tensors)))
+    copy = torch.nn.Linear(4, 3)
+    copy.load_state_dict(model.state_dict())
+    restored = torch.optim.AdamW(copy.parameters(), lr=0.5)
+    load_local_optimizer_state(restored, meta, load(save(tensors)), "test")
+    assert restored.param_groups[0]["betas"] == (0.9, 0.95) and restored.param_groups[0]["lr"] == 1e-2
+    for m, opt in ((model, optimizer), (copy, restored)):
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters()))
