@@ -216,7 +216,10 @@ def write_recipe_state(
     root = Path(output_dir) / RECIPE_STATE_DIR
     folder = root / label
     if rank == 0:
-        current = read_state_manifest(output_dir, quiet=True)
+        try:
+            current = read_state_manifest(output_dir, quiet=True)
+        except CheckpointError:  # a fresh run over a damaged state: replaced below
+            current = None
         if current is not None and current["state"] == label:
             raise CheckpointError(f"{folder} is the current resume state; not overwriting it")
         if folder.exists():  # a save that a crash cut short

@@ -308,7 +308,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
 
     def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, torch.Tensor], fresh: bool) -> nn.Module:
         """Meta-init, wrap, shard, then load ``state_dict``: the base model (``fresh``:
-        APEX starts from new operators) or a saved wrapped model (resume)."""
+        APEX starts from new operators; on resume the saved shards are copied in after)."""
         with _config_step("model", "Check model._component_ and its arguments."):
             with training.set_default_dtype(self._dtype), torch.device("meta"):
                 model = config.instantiate(cfg.model)

@@ -351,3 +351,12 @@ def test_optimizer_state_round_trip_is_exact_and_saving_changes_nothing():
         m(x).square().sum().backward()
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters()))
+
+
+def test_state_json_cannot_name_a_class_to_import():
+    """Only torchao's low-bit state classes are ever rebuilt from a state file's JSON."""
+    from apex_tune.checkpointing import decode
+
+    planted = {"__subclass__": "os.system", "parts": {}, "ctx": ["touch pwned"], "dtensor": False}
+    with pytest.raises(CheckpointError, match="missing or malformed"):
+        decode({"exp_avg": planted}, {}, "rank_0.json")
