@@ -16,22 +16,16 @@ switch                              runs on      notes
 ``bitsandbytes.optim.*``            CUDA only    paged / 8-bit optimizers of bitsandbytes
 ==================================  ===========  ==============================================
 
-The recipe keeps exact resume with the torchao low-bit optimizers: a full
-state dict cannot re-shard torchao's quantized state tensors, so
-:func:`load_from_full_optimizer_state_dict` loads them dequantized, then copies
-their saved codes and scales back (quantizing again would not be exact: the
-signed 8/4-bit code books do not map a dequantized block onto itself).
+The recipe keeps exact resume with the torchao low-bit optimizers: every rank
+saves its own shard of their codes and scales as they are (apex_tune.checkpointing;
+quantizing a dequantized state again would not be exact).
 """
 
 import contextlib
-import math
-from typing import Any, Dict, Tuple
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torchtune import training
 
 LOW_BIT_OPTIMIZERS = ("torchao.optim.AdamW8bit", "torchao.optim.AdamW4bit", "torchao.optim.AdamWFp8")
@@ -73,60 +67,3 @@ def activation_offloading(model: nn.Module, enabled: bool):
         return contextlib.nullcontext()
     return training.get_act_offloading_ctx_manager(model, True)
 
-
-def _low_bit(t: Any) -> bool:
-    local = t.to_local() if isinstance(t, DTensor) else t
-    return hasattr(local, "dequantize") and type(local).__module__.startswith("torchao.optim")
-
-
-def _local_range(p: torch.Tensor) -> Tuple[int, int]:
-    """(first element, element count) of this rank's shard of ``p`` in its flat row-major order."""
-    if not isinstance(p, DTensor):
-        return 0, p.numel()
-    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    row = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-    return offset[0] * row if p.dim() else 0, math.prod(local_shape)
-
-
-def _fill_from_full(buffer: torch.Tensor, full: torch.Tensor, p: torch.Tensor) -> None:
-    """Copy the codes and scales of a whole low-bit state into this rank's state shard, as
-    they are: quantizing a dequantized state again is not exact for the signed 8/4-bit maps."""
-    local = buffer.to_local() if isinstance(buffer, DTensor) else buffer
-    start, count = _local_range(p)
-    names, _ = local.__tensor_flatten__()
-    for name in names:
-        mine, whole = getattr(local, name), getattr(full, name)
-        if mine.numel() == whole.numel():  # unsharded, or per-tensor (the code book)
-            mine.copy_(whole.view(mine.shape))
-            continue
-        per = p.numel() // whole.numel()  # elements per entry: 1 (codes), 2 (4-bit codes), block (scales)
-        mine.copy_(whole.reshape(-1)[start // per : (start + count) // per].view(mine.shape))
-
-
-@torch.no_grad()
-def load_from_full_optimizer_state_dict(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any], device: torch.device
-) -> None:
-    """torchtune's ``training.load_from_full_optimizer_state_dict``, also for torchao's
-    low-bit optimizers, whose whole quantized states a full state dict cannot re-shard:
-    they are loaded dequantized, then their exact codes and scales are copied back."""
-    raw: Dict[Tuple[str, str], torch.Tensor] = {}
-    plain_state = dict(state)
-    plain_state["state"] = {}
-    for fqn, param_state in state.get("state", {}).items():
-        plain_state["state"][fqn] = dict(param_state)
-        for key, value in param_state.items():
-            if _low_bit(value):
-                raw[(fqn, key)] = value
-                plain_state["state"][fqn][key] = value.dequantize()
-    training.load_from_full_optimizer_state_dict(model, optimizer, plain_state, device)
-    if not raw:
-        return
-    signed = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
-    for fqn, p in model.named_parameters():
-        param_state = optimizer.state.get(p, {})
-        for key in signed:
-            if (fqn, key) in raw and key in param_state:
-                buffer = optimizer._new_buffer(p, signed[key])
-                _fill_from_full(buffer, raw[(fqn, key)], p)
-                param_state[key] = buffer

@@ -220,7 +220,7 @@ def load_data() -> Data:
     sp = load_tokenizer(corpus)
     path = CACHE_DIR / f"tokens_{_key(dict(tokenizer=TOKENIZER, max_len=MAX_LEN))}.pt"
     if path.exists():
-        cached = torch.load(path)
+        cached = torch.load(path, weights_only=True)  # tensors and plain containers only
     else:
         gsm: List[int] = []
         for row in corpus.gsm_pretrain:
@@ -300,7 +300,7 @@ def base_state(data: Data) -> Tuple[Dict[str, torch.Tensor], dict]:
     (trained once, then loaded from the cache)."""
     path = _base_path()
     if path.exists():
-        cached = torch.load(path)
+        cached = torch.load(path, weights_only=True)  # tensors and plain containers only
         return cached["state"], cached["meta"]
     p = PRETRAIN
     log(f"pre-training the base model ({p['steps']} steps of {p['batch']}x{p['seq']} tokens; cached afterwards)")

@@ -52,21 +52,37 @@ from apex_tune import (
     trainable_parameter_report,
 )
 from apex_tune.checkpointing import (
-    RECIPE_STATE_FILE,
-    STATE_FORMAT,
+    RECIPE_STATE_DIR,
     CheckpointError,
-    atomic_torch_save,
     check_fusion,
+    decode,
+    encode,
     fused_state_dict,
-    load_recipe_state,
+    load_local_model_state,
+    load_local_optimizer_state,
+    load_rank_state,
+    local_model_state,
+    local_optimizer_state,
+    read_state_manifest,
     relative_difference,
     replace_dir,
+    write_recipe_state,
 )
 from apex_tune._faults import fault_point
 from apex_tune.configs import resolve_config
-from apex_tune.memory_options import activation_offloading, check_memory_options, load_from_full_optimizer_state_dict
+from apex_tune.inputs import (
+    InputError,
+    check_data_file,
+    check_finite,
+    check_hf_config,
+    check_weight_files,
+    dataset_columns,
+    model_dims,
+    tokenizer_error,
+)
+from apex_tune.memory_options import activation_offloading, check_memory_options
 from apex_tune.model import materialize_apex_buffers_, param_kind
-from apex_tune.quantization import ensure_history_, load_from_full_model_state_dict, resume_state_dict, shard_model
+from apex_tune.quantization import HISTORY, ensure_history_, load_from_full_model_state_dict, shard_model
 from apex_tune.selection import LayerSelection
 
 log = utils.get_logger("INFO")
@@ -121,7 +137,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
 
     Config fields beyond torchtune's full fine-tuning recipe: the ``apex``
     section (see README), ``save_every_n_steps`` and ``resume_from_checkpoint``
-    (resumes from ``output_dir/apex_recipe_state.pt``, mid-stage included).
+    (resumes from ``output_dir/apex_recipe_state/``, mid-stage included).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -183,23 +199,32 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         self._cfg = cfg
         # Our own resume state lives in output_dir; torchtune's recipe-state
         # lookup in the checkpointer stays off.
-        with _config_step("checkpointer", "Check checkpoint_dir, checkpoint_files and model_type."):
-            self._checkpointer = config.instantiate(
-                cfg.checkpointer, resume_from_checkpoint=False, should_load_recipe_state=False
+        base_state = self._load_base(cfg)
+        manifest = read_state_manifest(self._output_dir) if self._resume else None
+        if self._resume and manifest is None:
+            utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_DIR} in {self._output_dir}, starting fresh")
+        if manifest is not None and manifest["world_size"] != self.world_size:
+            raise ConfigError(
+                f"the saved run used {manifest['world_size']} processes, this one {self.world_size}: "
+                "resume with the same --nproc_per_node"
             )
-            base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-        resumed = load_recipe_state(self._output_dir) if self._resume else None
-        if self._resume and resumed is None:
-            utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_FILE} in {self._output_dir}, starting fresh")
+        resumed = load_rank_state(self._output_dir, manifest, self.rank) if manifest else None
 
-        state = resumed["model"] if resumed else base_state
-        if resumed and self.settings.quantize_base:  # bit-identical NF4 from the base checkpoint
-            state = resume_state_dict(state, base_state)
+        state = base_state
+        if resumed:  # frozen stages of a quantized base (replicated): the model needs their count
+            state = {**base_state, **{k[len("model."):]: v for k, v in resumed["tensors"].items()
+                                      if k.startswith("model.") and HISTORY in f".{k}"}}
         self._model = self._setup_model(cfg, state, fresh=not resumed)
+        if resumed:  # every rank its own shards; NF4 base weights stay as quantized from the base
+            load_local_model_state(self._model, resumed["tensors"], resumed["where"])
         del base_state, state
         self._activations_ctx = activation_offloading(self._model, self._activation_offloading)
-        with _config_step("tokenizer", "Check tokenizer._component_ and tokenizer.path."):
+        with _config_step("tokenizer", "Check tokenizer._component_."):
+            _get_component_from_path(cfg.tokenizer._component_)
+        try:
             self._tokenizer = config.instantiate(cfg.tokenizer)
+        except Exception as e:  # a file that is not a tokenizer fails in many ways
+            raise ConfigError(str(tokenizer_error(cfg.tokenizer.get("path"), e))) from e
         self._loss_fn = config.instantiate(cfg.loss)
         if self._compile:
             training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
@@ -256,9 +281,34 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 f"({100 * report['trainable_fraction']:.3f}%); stages end at steps {self.stage_ends}"
             )
 
+    def _load_base(self, cfg: DictConfig) -> Dict[str, torch.Tensor]:
+        """The base checkpoint, its files and config.json checked before and its values after loading."""
+        checkpoint_dir = Path(cfg.checkpointer.get("checkpoint_dir", "."))
+        hf_config = checkpoint_dir / "config.json"
+        is_hf = str(cfg.checkpointer.get("_component_", "")).endswith("FullModelHFCheckpointer")
+        try:
+            if is_hf and hf_config.is_file():  # torchtune reads it first; name it if it is not JSON
+                check_hf_config(hf_config, {}, {})
+            with _config_step("checkpointer", "Check checkpoint_dir, checkpoint_files and model_type."):
+                self._checkpointer = config.instantiate(
+                    cfg.checkpointer, resume_from_checkpoint=False, should_load_recipe_state=False
+                )
+            table = check_weight_files(getattr(self._checkpointer, "_checkpoint_paths", []))
+            if is_hf and hf_config.is_file():
+                with _config_step("model", "Check model._component_ and its arguments."):
+                    with torch.device("meta"):
+                        dims = model_dims(config.instantiate(cfg.model))
+                check_hf_config(hf_config, table, dims)
+            with _config_step("checkpointer", "Check checkpoint_dir, checkpoint_files and model_type."):
+                base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+            check_finite(base_state, f"the checkpoint in {checkpoint_dir}")
+        except InputError as e:
+            raise ConfigError(f"checkpointer: {e}") from e
+        return base_state
+
     def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, torch.Tensor], fresh: bool) -> nn.Module:
         """Meta-init, wrap, shard, then load ``state_dict``: the base model (``fresh``:
-        APEX starts from new operators) or a saved wrapped model (resume)."""
+        APEX starts from new operators; on resume the saved shards are copied in after)."""
         with _config_step("model", "Check model._component_ and its arguments."):
             with training.set_default_dtype(self._dtype), torch.device("meta"):
                 model = config.instantiate(cfg.model)
@@ -323,6 +373,10 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             for f in [files] if isinstance(files, str) else list(files or []):
                 if not Path(f).exists():
                     raise ConfigError(f"dataset.data_files: {f} does not exist; point it at your data")
+                try:
+                    check_data_file(Path(f), str(node.get("source", "")), dataset_columns(node))
+                except InputError as e:
+                    raise ConfigError(f"dataset.data_files: {e}") from e
         with _config_step("dataset", "Check dataset.source, data_files, split and column names."):
             datasets = [config.instantiate(node, self._tokenizer) for node in nodes]
         ds = ConcatDataset(datasets) if len(datasets) > 1 else datasets[0]
@@ -619,17 +673,12 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         """
         fault_point(f"save:{label}")
         wrapped_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero)
-        optim_sd = training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero)
-        loader_states = [None] * self.world_size
-        dist.all_gather_object(loader_states, self._dataloader.state_dict())
         ranker_state = self._ranker.state_dict()
         # A save at an epoch's last step resumes at the next epoch's start.
         epoch_done = self.steps_in_epoch >= self._steps_per_epoch
-        if epoch_done:
-            loader_states = None
+        selection = get_selection(self._model)
         failure = [None]
         if self._is_rank_zero:
-            selection = get_selection(self._model)
             if fused or self.settings.quantize_base:  # a quantized base is never merged in place
                 plain, difference = fused_state_dict(
                     lambda: config.instantiate(self._cfg.model), self.settings, wrapped_sd, selection, self._probe
@@ -648,31 +697,34 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             raise CheckpointError(failure[0])
         if self._is_rank_zero:
             self._write_model(plain, label)
-            fault_point(f"save_state:{label}")
-            atomic_torch_save(
-                {
-                    "format": STATE_FORMAT,
-                    "model": wrapped_sd,
-                    "selection": [s.to_dict() for s in selection],
-                    "optimizer": optim_sd,
-                    "dataloader": loader_states,
-                    "ranker": ranker_state,
-                    "data_counts": dict(self._data_counts),
-                    "progress": {
-                        "seed": self.seed,
-                        "epochs_run": self.epochs_run + int(epoch_done),
-                        "global_step": self.global_step,
-                        "steps_in_epoch": 0 if epoch_done else self.steps_in_epoch,
-                        "stage": self.stage,
-                        "total_steps": self.total_steps,
-                        "world_size": self.world_size,
-                        "checkpoint": label,
-                    },
-                    "rng": torch.get_rng_state(),
-                },
-                self._output_dir / RECIPE_STATE_FILE,
-                fault_label=label,
-            )
+            del plain
+        del wrapped_sd
+        fault_point(f"save_state:{label}")
+        # Every rank saves its own shards (no gather): the optimizer's local state dict,
+        # which reading never changes (torch's full-state helpers may take a step).
+        tensors = local_model_state(self._model)
+        tensors["rng"] = torch.get_rng_state()
+        meta = {
+            "progress": {
+                "seed": self.seed,
+                "epochs_run": self.epochs_run + int(epoch_done),
+                "global_step": self.global_step,
+                "steps_in_epoch": 0 if epoch_done else self.steps_in_epoch,
+                "stage": self.stage,
+                "total_steps": self.total_steps,
+                "world_size": self.world_size,
+                "checkpoint": label,
+            },
+            "selection": [s.to_dict() for s in selection],
+            "optimizer": local_optimizer_state(self._optimizer, tensors),
+            "dataloader": None if epoch_done else encode(self._dataloader.state_dict(), tensors, "dataloader"),
+            # summed over ranks: rank 0 keeps the sums, the others restart from zero
+            "ranker": encode(ranker_state, tensors, "ranker") if self._is_rank_zero else None,
+            "data_counts": dict(self._data_counts),
+        }
+        write_recipe_state(
+            self._output_dir, label, self.rank, tensors, meta, self.world_size, self.global_step, dist.barrier
+        )
         dist.barrier()
 
     def _write_model(self, state_dict: Dict[str, torch.Tensor], label: str) -> None:
@@ -685,39 +737,40 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         )
         replace_dir(staging, self._output_dir / label)
 
-    def _restore(self, state: Dict[str, Any]) -> None:
-        progress = state["progress"]
-        if progress["total_steps"] != self.total_steps:
-            raise ConfigError(
-                f"the saved run has {progress['total_steps']} optimizer steps, this config gives "
-                f"{self.total_steps}: resume with the same data, batch and epoch settings"
-            )
-        if progress["seed"] != self.seed:
-            raise ConfigError(f"seed: the saved run used seed={progress['seed']}, this config seed={self.seed}")
-        set_selection(self._model, [LayerSelection.from_dict(d) for d in state["selection"]])
-        if state["optimizer"]:
-            load_from_full_optimizer_state_dict(  # torchtune's, also for torchao low-bit states
-                self._model, self._optimizer, state["optimizer"], self._device
-            )
-        if progress["world_size"] != self.world_size:
-            raise ConfigError(
-                f"the saved run used {progress['world_size']} processes, this one {self.world_size}: "
-                "resume with the same --nproc_per_node"
-            )
-        if state["dataloader"] is not None:  # None: saved at an epoch end
-            self._dataloader.load_state_dict(state["dataloader"][self.rank])
-        self._ranker.load_state_dict(state["ranker"], keep=self._is_rank_zero)
-        torch.set_rng_state(state["rng"])
-        self._data_counts.update(state.get("data_counts", {}))
-        self.epochs_run = progress["epochs_run"]
-        self.global_step = progress["global_step"]
-        self.steps_in_epoch = progress["steps_in_epoch"]
-        self.stage = progress["stage"]
+    def _restore(self, resumed: Dict[str, Any]) -> None:
+        meta, tensors, where = resumed["meta"], resumed["tensors"], resumed["where"]
+        try:
+            progress = meta["progress"]
+            if progress["total_steps"] != self.total_steps:
+                raise ConfigError(
+                    f"the saved run has {progress['total_steps']} optimizer steps, this config gives "
+                    f"{self.total_steps}: resume with the same data, batch and epoch settings"
+                )
+            if progress["seed"] != self.seed:
+                raise ConfigError(f"seed: the saved run used seed={progress['seed']}, this config seed={self.seed}")
+            set_selection(self._model, [LayerSelection.from_dict(d) for d in meta["selection"]])
+            load_local_optimizer_state(self._optimizer, meta["optimizer"], tensors, where)
+            if meta["dataloader"] is not None:  # None: saved at an epoch end
+                self._dataloader.load_state_dict(decode(meta["dataloader"], tensors, where))
+            self._ranker.load_state_dict(decode(meta["ranker"], tensors, where), keep=self._is_rank_zero)
+            torch.set_rng_state(tensors["rng"])
+            self._data_counts.update(meta["data_counts"])
+            self.epochs_run = int(progress["epochs_run"])
+            self.global_step = int(progress["global_step"])
+            self.steps_in_epoch = int(progress["steps_in_epoch"])
+            self.stage = int(progress["stage"])
+        except (ConfigError, CheckpointError):
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(
+                f"resume state {where} does not fit this run ({type(e).__name__}: {e}); move "
+                f"{self._output_dir / RECIPE_STATE_DIR} away to start over from the base model"
+            ) from e
         if self._is_rank_zero:  # staging folders of saves that a crash cut short
             for step in range(self.global_step + 1, self.total_steps + 1):
                 shutil.rmtree(self._output_dir / f"epoch_{step}", ignore_errors=True)
         utils.log_rank_zero(
-            log, f"resumed from {progress['checkpoint']} at step {self.global_step}, stage {self.stage + 1}"
+            log, f"resumed from {meta['progress']['checkpoint']} at step {self.global_step}, stage {self.stage + 1}"
         )
 
     def cleanup(self) -> None:
@@ -758,7 +811,8 @@ def main() -> None:
     except (ConfigError, TrainingFault, CheckpointError) as e:
         # One clear line, not a traceback: these are the run's inputs or state, not a bug.
         kind = "config error" if isinstance(e, ConfigError) else "stopped"
-        print(f"apex_finetune: {kind}: {e}", file=sys.stderr, flush=True)
+        message = " ".join(str(e).split())
+        print(f"apex_finetune: {kind}: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -6,7 +6,7 @@ weights at every stage boundary, is run alongside to show what it would pile up.
 """
 
 import copy
-import io
+import json
 import socket
 
 import pytest
@@ -354,11 +354,18 @@ def _sharded_qapex(state: dict, s: ApexSettings, base_sd: dict):
 @pytest.mark.slow
 def test_fsdp_low_bit_optimizer_and_exact_resume(process_group, tokens):
     """FSDP2 with the NF4 base outside it, torchao's AdamW8bit, a frozen stage, then a
-    resume from full state dicts: the resumed run continues bit for bit."""
+    resume from the recipe's sharded state (local shards, low-bit states by their parts):
+    the resumed run continues bit for bit."""
+    import safetensors.torch
     import torchao.optim
-    from torchtune import training
 
-    from apex_tune.memory_options import load_from_full_optimizer_state_dict
+    from apex_tune.checkpointing import (
+        load_local_model_state,
+        load_local_optimizer_state,
+        local_model_state,
+        local_optimizer_state,
+    )
+    from apex_tune.quantization import HISTORY
 
     s = settings(delta=True)  # deltas are large enough for 8-bit states (>= 4096 elements)
     base_sd = build().state_dict()
@@ -382,18 +389,18 @@ def test_fsdp_low_bit_optimizer_and_exact_resume(process_group, tokens):
     states = [getattr(v, "_local_tensor", v) for st in optimizer.state.values() for v in st.values()]
     assert any(type(v).__name__ == "OptimState8bit" for v in states)
 
-    # through bytes, as the recipe's state file: no tensor shared with the live run
-    buffer = io.BytesIO()
-    torch.save({"model": training.gather_cpu_state_dict(model, True),
-                "optimizer": training.get_full_optimizer_state_dict(model, optimizer, True)}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    wrapped_sd, optim_sd = saved["model"], saved["optimizer"]
+    # through bytes, as the recipe's state files (safetensors + JSON): nothing shared with the live run
+    tensors = local_model_state(model)
+    meta = json.dumps(local_optimizer_state(optimizer, tensors))
+    tensors = safetensors.torch.load(safetensors.torch.save(tensors))
     selection = get_selection(model)
-    resumed = _sharded_qapex(resume_state_dict(wrapped_sd, base_sd), s, base_sd)
+    history = {k[len("model."):]: v for k, v in tensors.items() if HISTORY in k}
+    assert history, "the frozen stage is part of the state"
+    resumed = _sharded_qapex({**base_sd, **history}, s, base_sd)
+    load_local_model_state(resumed, tensors, "test state")
     set_selection(resumed, selection)
     resumed_optimizer = torchao.optim.AdamW8bit([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
-    load_from_full_optimizer_state_dict(resumed, resumed_optimizer, optim_sd, torch.device("cpu"))
+    load_local_optimizer_state(resumed_optimizer, json.loads(meta), tensors, "test state")
     for m, opt in ((model, optimizer), (resumed, resumed_optimizer)):
         loss_of(m).backward()
         opt.step()

@@ -13,7 +13,7 @@ import torch
 from torchtune import training
 
 from apex_tune import LayerSelection, apply_apex, set_selection
-from apex_tune.checkpointing import RECIPE_STATE_FILE
+from apex_tune.checkpointing import load_rank_state, read_state_manifest
 from apex_tune.model import materialize_apex_buffers_
 from apex_tune.settings import ApexSettings
 from apex_tune.tiny import make_tiny_assets, tiny_llama3
@@ -115,19 +115,20 @@ def test_reloaded_checkpoint_matches_wrapped_model(assets, tmp_path):
         assets, out, "save_every_n_steps=3", env={"APEX_TUNE_KILL_AT": "step:4"}, check=False
     )
     assert proc.returncode != 0
-    state = torch.load(out / RECIPE_STATE_FILE, weights_only=False)
-    assert state["progress"]["global_step"] == 3
+    state = load_rank_state(out, read_state_manifest(out), rank=0)  # one process: whole tensors
+    assert state["meta"]["progress"]["global_step"] == 3
 
     settings = ApexSettings(ratio=0.25)
     with torch.device("meta"):
         wrapped = tiny_llama3()
     apply_apex(wrapped, settings)
-    wrapped.load_state_dict(state["model"], strict=True, assign=True)
+    model_sd = {k[len("model."):]: v for k, v in state["tensors"].items() if k.startswith("model.")}
+    wrapped.load_state_dict(model_sd, strict=True, assign=True)
     materialize_apex_buffers_(wrapped, torch.device("cpu"))
     for m in wrapped.modules():
         if hasattr(m, "rope_init"):
             m.rope_init()
-    set_selection(wrapped, [LayerSelection.from_dict(d) for d in state["selection"]])
+    set_selection(wrapped, [LayerSelection.from_dict(d) for d in state["meta"]["selection"]])
     assert any(p.abs().max() > 0 for n, p in wrapped.named_parameters() if n.endswith("L2"))
 
     plain = load_plain(out / "step_3")

@@ -99,6 +99,22 @@ def test_qapex_stages_fusion_error_exact_resume_and_plain_checkpoint(assets, tmp
         assert torch.isfinite(plain.eval()(torch.randint(0, 512, (1, 16)))).all()
 
 
+@pytest.mark.distributed
+def test_qapex_two_processes_stages_and_exact_resume(assets, tmp_path):
+    """QAPEX with 2 processes (NF4 base replicated, operators sharded): all three stages,
+    and rank 1 killed mid-stage 2 resumes to the same weights as the uninterrupted run."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    common = ["batch_size=4", "epochs=2", "max_steps_per_epoch=3", "save_every_n_steps=3"]  # stages end at 2, 4, 6
+    qapex_run(assets, whole, *common, nproc=2)
+    assert all((whole / f"stage_{k}").is_dir() for k in (1, 2, 3))
+    first = qapex_run(assets, out, *common, nproc=2, env={KILL_AT: "rank1:step:4"}, check=False)
+    assert first.returncode != 0 and (out / "step_3").is_dir() and not (out / "stage_2").exists()
+    qapex_run(assets, out, *common, "resume_from_checkpoint=True", nproc=2)
+    a, b = hf_weights(whole / "stage_3"), hf_weights(out / "stage_3")
+    # fp32, same ranks and reduction order; NF4 codes re-quantized from the same base
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
 def test_memory_options_start_on_cpu(assets, tmp_path):
     """torchao's 8-bit AdamW (its states are quantized for the deltas) with activation
     checkpointing, over the NF4 base: runs through both stages and saves."""

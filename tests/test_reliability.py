@@ -1,6 +1,7 @@
 """Bad input, crashes and faults: the run explains itself and loses nothing."""
 
 import json
+import shutil
 import time
 
 import pytest
@@ -8,11 +9,12 @@ import torch
 
 from apex_tune import ApexSettings, LayerSelection, apply_apex, get_selection
 from apex_tune.checkpointing import (
-    RECIPE_STATE_FILE,
+    RECIPE_STATE_DIR,
     CheckpointError,
     check_fusion,
     fused_state_dict,
-    load_recipe_state,
+    load_rank_state,
+    read_state_manifest,
 )
 from apex_tune.tiny import tiny_llama3
 from test_recipe import assets, hf_weights, losses, tune_run  # noqa: F401  (fixture)
@@ -79,10 +81,12 @@ def test_killed_run_resumes_exactly(assets, whole_run, tmp_path, kill_at):  # no
     out = tmp_path / "run"
     proc = tune_run(assets, out, "save_every_n_steps=3", env={"APEX_TUNE_KILL_AT": kill_at}, check=False)
     assert proc.returncode != 0
-    state = load_recipe_state(out)  # whatever is there is whole (or absent)
+    manifest = read_state_manifest(out)  # whatever is there is whole (or absent)
+    if manifest is not None:
+        load_rank_state(out, manifest, rank=0)
     if kill_at == "state_renaming:stage_1":
-        # killed after writing the step-5 state but before renaming it: step 3's stands
-        assert state["progress"]["global_step"] == 3
+        # killed after writing the step-5 state but before pointing latest.json at it: step 3's stands
+        assert manifest["global_step"] == 3
     tune_run(assets, out, "save_every_n_steps=3", "resume_from_checkpoint=True")
     assert max_diff(hf_weights(whole_run / "stage_2"), hf_weights(out / "stage_2")) <= 1e-6
     assert not list(out.glob("epoch_*")), "a staging folder was left behind"
@@ -90,9 +94,9 @@ def test_killed_run_resumes_exactly(assets, whole_run, tmp_path, kill_at):  # no
 
 def test_unreadable_state_is_an_error_not_a_fresh_start(assets, whole_run, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    out.mkdir()
-    good = (whole_run / RECIPE_STATE_FILE).read_bytes()
-    (out / RECIPE_STATE_FILE).write_bytes(good[: len(good) // 2])
+    shutil.copytree(whole_run / RECIPE_STATE_DIR, out / RECIPE_STATE_DIR)
+    (shard,) = (out / RECIPE_STATE_DIR).glob("*/rank_0.safetensors")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = tune_run(assets, out, "resume_from_checkpoint=True", check=False)
     assert proc.returncode != 0
     assert "unreadable" in proc.stderr and "Traceback" not in proc.stderr
@@ -147,6 +151,30 @@ def test_dead_rank_takes_the_run_down(assets, tmp_path):  # noqa: F811
     assert proc.returncode != 0
     assert time.monotonic() - start < 300
     assert "Signals.SIGKILL" in proc.stderr or "exitcode" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_two_processes_killed_rank_resumes_exactly(assets, tmp_path):  # noqa: F811
+    """Rank 1 SIGKILLed mid-stage 2; both restarted from the sharded state (one shard
+    per rank): the same weights as an uninterrupted 2-process run. A different world
+    size is refused in one line."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    common = ["batch_size=4", "save_every_n_steps=3"]
+    tune_run(assets, whole, *common, nproc=2)
+    proc = tune_run(assets, out, *common, nproc=2, env={"APEX_TUNE_KILL_AT": "rank1:step:7"}, check=False)
+    assert proc.returncode != 0
+    manifest = read_state_manifest(out)
+    assert manifest["global_step"] == 6 and manifest["world_size"] == 2
+    shards = sorted(p.name for p in (out / RECIPE_STATE_DIR / manifest["state"]).iterdir())
+    assert shards == ["rank_0.json", "rank_0.safetensors", "rank_1.json", "rank_1.safetensors"]
+
+    refused = tune_run(assets, out, *common, "resume_from_checkpoint=True", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "the saved run used 2 processes, this one 1: resume with the same --nproc_per_node" in refused.stderr
+
+    tune_run(assets, out, *common, "resume_from_checkpoint=True", nproc=2)
+    # fp32 on CPU, same ranks, same reduction order: the resumed run repeats the arithmetic
+    assert max_diff(hf_weights(whole / "stage_2"), hf_weights(out / "stage_2")) <= 1e-6
 
 
 # ------------------------------------------------------------- input data
