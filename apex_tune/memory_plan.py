@@ -1,0 +1,245 @@
+"""Per-GPU memory plan of an APEX run under FSDP2, from the meta-device model.
+
+``apex-tune params --config NAME --world-size N [--dtype bf16]`` answers "does this
+fit on N GPUs?" before anything is downloaded. What the recipe keeps per GPU:
+
+- **exact** (byte counts of the meta-device model, as the recipe shards it):
+  the frozen base in ``dtype``, sharded by FSDP2 over N ranks; an NF4 base
+  (``apex.quantize_base``) is replicated instead (FSDP2 cannot shard NF4, see
+  apex_tune/quantization.py), and so are the frozen operators of earlier stages
+  (counted at the last stage, where there are T - 1 of them); the trainable
+  parameters in fp32, their fp32 gradients and the optimizer state, sharded.
+  FSDP2 shards every tensor along dim 0 into ``ceil(dim0 / N)`` rows per rank
+  (rank 0 holds the largest shard; that is the number given).
+- **estimated**: FSDP2's working set (the root unit, embeddings and output head, stays
+  unsharded through the step; two decoder layers unsharded at a time, the one
+  computing and the one prefetched; one unit's fp32 gradients whole before their
+  reduce-scatter) and activations from a formula (see :func:`activation_bytes`).
+
+Not counted: the CUDA context and NCCL buffers (about 1 GiB per GPU), allocator
+fragmentation, and a mid-stage fused checkpoint, which rank 0 builds in CPU memory.
+"""
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from apex_tune.model import CHANNELS, HEADS, _wrapped_layers, _wrappers, find_apex_layers, param_kind
+from apex_tune.settings import ApexSettings
+
+GIB = 1024**3
+FP32 = 4
+# Optimizer state bytes per trainable element (fp32 moments; torchao's low-bit ones
+# hold 1 or 0.5 byte per element plus one fp32 scale per block of 256 / 128).
+OPTIMIZER_STATE_BYTES = {
+    "torch.optim.AdamW": 2 * FP32,
+    "torch.optim.Adam": 2 * FP32,
+    "torch.optim.SGD": FP32,  # the momentum buffer (none without momentum: an upper bound)
+    "torchao.optim.AdamW8bit": 2 * (1 + FP32 / 256),
+    "torchao.optim.AdamWFp8": 2 * (1 + FP32 / 256),
+    "torchao.optim.AdamW4bit": 2 * (0.5 + FP32 / 128),
+}
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor; an NF4 tensor counts its codes, scalers and tables."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def _shard_elements(shape, world_size: int) -> int:
+    """Elements of rank 0's FSDP2 shard: ceil(dim0 / N) rows of the rest."""
+    if len(shape) == 0:
+        return 1
+    rest = math.prod(shape[1:])
+    return math.ceil(shape[0] / world_size) * rest
+
+
+def add_frozen_stages_(model: nn.Module, count: int) -> None:
+    """Over a quantized base: give every layer ``count`` frozen stages (meta device), the
+    most it holds (T - 1 at the last stage), so they are counted."""
+    for layer in _wrapped_layers(model):
+        for kind in (HEADS, CHANNELS):
+            history = layer.history(kind)
+            if history is not None:
+                history.grow_(count, layer.expansion(kind), list(_wrappers(layer, kind)))
+
+
+def _fsdp_units(model: nn.Module):
+    """The parameters of each FSDP unit as the recipe wraps them: one per decoder layer,
+    and the root (embeddings, final norm, output head)."""
+    layers = [m for m in model.modules() if m.__class__.__name__ == "TransformerSelfAttentionLayer"]
+    in_layers = set()
+    units = []
+    for layer in layers:
+        params = list(layer.parameters())
+        in_layers.update(id(p) for p in params)
+        units.append(params)
+    units.append([p for p in model.parameters() if id(p) not in in_layers])
+    return units
+
+
+def activation_bytes(
+    *,
+    tokens: int,
+    num_layers: int,
+    embed_dim: int,
+    kv_dim: int,
+    intermediate_dim: int,
+    vocab_size: int,
+    dtype_bytes: int,
+    activation_checkpointing: bool,
+    tuned_heads: float,
+    tuned_channels: float,
+) -> Dict[str, int]:
+    """An estimate of the activations one micro-batch keeps for backward.
+
+    Per decoder layer and token, in ``dtype`` elements (h: embed_dim, kv: the K/V
+    width, i: intermediate_dim):
+
+    - attention 6h + 3kv: the norm's input and output, q/k/v, the rotated q/k, the
+      attention output and the output projection's input (fused SDPA: no s x s scores);
+    - FFN 2h + 4i: the norm's input and output, w1 and w3 outputs, the gate and the
+      product fed to w2;
+    - APEX r_h (h + kv) + 3 r_c i: the gathered slices its wrappers keep (r: the tuned
+      fraction of head units and of channels; P and N only without the delta).
+
+    Without activation checkpointing every layer keeps all of it. With it (one
+    checkpoint per layer) each layer keeps its input (h) and one layer at a time is
+    recomputed whole. The loss keeps the logits in ``dtype`` plus their fp32
+    upcast (torchtune's chunked cross-entropy): tokens x vocab x (dtype + 4) bytes.
+    """
+    h, kv, i = embed_dim, kv_dim, intermediate_dim
+    per_layer = 6 * h + 3 * kv + 2 * h + 4 * i + tuned_heads * (h + kv) + 3 * tuned_channels * i
+    if activation_checkpointing:
+        layers = tokens * (num_layers * h + per_layer) * dtype_bytes
+    else:
+        layers = tokens * num_layers * per_layer * dtype_bytes
+    logits = tokens * vocab_size * (dtype_bytes + FP32)
+    return {"decoder_layers": int(layers), "logits_and_loss": int(logits)}
+
+
+def memory_plan(
+    model: nn.Module,
+    settings: ApexSettings,
+    *,
+    world_size: int,
+    dtype: torch.dtype,
+    optimizer: str,
+    num_stages: int,
+    batch_size: int,
+    seq_len: int,
+    activation_checkpointing: bool,
+    gpu_memory_gib: Optional[float] = None,
+) -> dict:
+    """The plan for a wrapped meta-device ``model`` (``apply_apex`` + ``set_apex_trainable``
+    done, base built in ``dtype``). Returns bytes per GPU by item, and totals."""
+    if world_size < 1:
+        raise ValueError(f"--world-size {world_size}: must be at least 1")
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(
+            f"optimizer._component_={optimizer}: no memory plan for it; known: {', '.join(OPTIMIZER_STATE_BYTES)}"
+        )
+    if settings.quantize_base and num_stages > 1:
+        add_frozen_stages_(model, num_stages - 1)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+
+    items = {k: 0 for k in ("frozen_base_sharded", "frozen_base_replicated", "frozen_stages_replicated",
+                            "trainable_params", "gradients", "optimizer_states")}
+    trainable_tensors = 0
+    for name, p in model.named_parameters():  # shared parameters are listed once
+        if param_kind(name) == "history":
+            items["frozen_stages_replicated"] += _tensor_bytes(p)
+        elif p.requires_grad:
+            shard = _shard_elements(p.shape, world_size)
+            items["trainable_params"] += shard * FP32  # fp32 master weights (issue #9)
+            items["gradients"] += shard * FP32
+            items["optimizer_states"] += int(shard * OPTIMIZER_STATE_BYTES[optimizer])
+            trainable_tensors += 1
+        elif hasattr(p, "__tensor_flatten__"):  # NF4: kept whole on every rank
+            items["frozen_base_replicated"] += _tensor_bytes(p)
+        else:
+            items["frozen_base_sharded"] += _shard_elements(p.shape, world_size) * dtype_bytes
+    if optimizer.startswith("torch.optim.Adam"):
+        items["optimizer_states"] += trainable_tensors * FP32  # the per-tensor step count
+
+    # FSDP2 working set: the root unit (embeddings, norm, output head) stays unsharded
+    # for the whole step (FSDP2 does not reshard the root after forward); decoder layers
+    # are all-gathered two at a time (the one computing and the one prefetched); one
+    # unit's gradients are whole before their reduce-scatter. Gathered in their dtype
+    # (fp32 if trained); NF4 weights and frozen stages are never all-gathered.
+    def unit_bytes(params):
+        gathered = sum(p.numel() * (FP32 if p.requires_grad else dtype_bytes)
+                       for p in params if not hasattr(p, "__tensor_flatten__") and p.dtype.is_floating_point)
+        grads = sum(p.numel() * FP32 for p in params if p.requires_grad)
+        return gathered, grads
+
+    *layer_units, root_unit = [unit_bytes(u) for u in _fsdp_units(model)]
+    working = root_unit[0] + 2 * max(g for g, _ in layer_units) + max(g for _, g in [*layer_units, root_unit])
+
+    layers = find_apex_layers(model)
+    attn = layers[0].attn
+    kv_dim = attn.num_kv_heads * attn.head_dim
+    embed_dim = attn.embed_dim
+    intermediate_dim = layers[0].mlp.w1.out_features
+    vocab_size = next(m for m in model.modules() if isinstance(m, nn.Embedding)).num_embeddings
+    if settings.delta:
+        tuned_heads = settings.tuned_ratio_heads or 2 * settings.ratio
+        tuned_channels = settings.tuned_ratio_channels or 2 * settings.ratio
+    else:
+        tuned_heads = tuned_channels = 2 * settings.ratio
+    activations = activation_bytes(
+        tokens=batch_size * seq_len,
+        num_layers=len(layers),
+        embed_dim=embed_dim,
+        kv_dim=kv_dim,
+        intermediate_dim=intermediate_dim,
+        vocab_size=vocab_size,
+        dtype_bytes=dtype_bytes,
+        activation_checkpointing=activation_checkpointing,
+        tuned_heads=tuned_heads,
+        tuned_channels=tuned_channels,
+    )
+    exact = sum(items.values())
+    estimated = working + sum(activations.values())
+    plan = {
+        "world_size": world_size,
+        "dtype": str(dtype).replace("torch.", ""),
+        "optimizer": optimizer,
+        "micro_batch": {"batch_size": batch_size, "seq_len": seq_len,
+                        "activation_checkpointing": activation_checkpointing},
+        "exact_bytes": items,
+        "estimated_bytes": {"fsdp_working_set": int(working), **activations},
+        "total_exact_bytes": exact,
+        "total_bytes": exact + estimated,
+    }
+    if gpu_memory_gib is not None:
+        plan["gpu_memory_gib"] = gpu_memory_gib
+        plan["fits"] = plan["total_bytes"] <= gpu_memory_gib * GIB
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a table in GiB."""
+    mb = plan["micro_batch"]
+    lines = [
+        f"per-GPU memory plan: FSDP2 over {plan['world_size']} GPUs, base in {plan['dtype']}, "
+        f"trainable in fp32, {plan['optimizer']}",
+        "exact (rank 0's shards):",
+    ]
+    for name, value in plan["exact_bytes"].items():
+        lines.append(f"  {name:<26} {value / GIB:>9.2f} GiB")
+    ac = "with" if mb["activation_checkpointing"] else "without"
+    lines.append(f"estimated (micro-batch {mb['batch_size']} x {mb['seq_len']} tokens, {ac} activation checkpointing):")
+    for name, value in plan["estimated_bytes"].items():
+        lines.append(f"  {name:<26} {value / GIB:>9.2f} GiB")
+    lines.append(f"total exact                  {plan['total_exact_bytes'] / GIB:>9.2f} GiB")
+    lines.append(f"total with estimates         {plan['total_bytes'] / GIB:>9.2f} GiB")
+    if "fits" in plan:
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        lines.append(f"{verdict} in {plan['gpu_memory_gib']:g} GiB per GPU (CUDA context and fragmentation not counted)")
+    return "\n".join(lines)
