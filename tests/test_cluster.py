@@ -12,6 +12,7 @@ weights are therefore compared exactly, not within a tolerance.
 
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from torch.distributed.run import get_args_parser as torchrun_args_parser
 
 from apex_tune import _cli as apex_cli
+from apex_tune.checkpointing import RECIPE_STATE_FILE
 from apex_tune.configs import resolve_config
 from test_recipe import CONFIG, TUNE, assets, hf_weights, losses, tune_run  # noqa: F401  (fixture)
 
@@ -118,6 +120,31 @@ def test_elastic_restart_resumes(assets, one_node_two_processes, tmp_path):  # n
     assert "no apex_recipe_state.pt" in proc.stderr  # the first attempt started fresh
     assert "resumed from step_6 at step 6" in proc.stderr
     assert_same_weights(out, one_node_two_processes)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nodes_must_share_output_dir(assets, one_node_two_processes, tmp_path):  # noqa: F811
+    """Two nodes whose output_dir are not the same folder (one has a resume state, the
+    other none) stop with one line before training, instead of diverging."""
+    port = free_port()
+    commands = []
+    for node in (0, 1):
+        out = tmp_path / f"node{node}" / "run"
+        out.mkdir(parents=True)
+        if node == 0:
+            shutil.copy(one_node_two_processes / RECIPE_STATE_FILE, out / RECIPE_STATE_FILE)
+        commands.append([
+            TUNE, "run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"unshared_{port}",
+            "apex_finetune", "--config", CONFIG, f"assets_dir={assets}", f"output_dir={out}", *COMMON,
+            "resume_from_checkpoint=True",
+        ])
+    for rc, _, err in run_together(commands, tmp_path, SAME_ARITHMETIC):
+        assert rc != 0
+        assert "apex_finetune: config error: output_dir: the ranks found different resume states" in err, err[-3000:]
+        assert "rank 0: step 10" in err or "rank 1: step 10" in err
+    assert sorted(p.name for p in (tmp_path / "node1" / "run").iterdir()) == []
 
 
 # ---------------------------------------------------------------------- SLURM
