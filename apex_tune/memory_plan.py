@@ -25,6 +25,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torchtune.modules import TransformerSelfAttentionLayer
 
 from apex_tune.model import CHANNELS, HEADS, _wrapped_layers, _wrappers, find_apex_layers, param_kind
 from apex_tune.settings import ApexSettings
@@ -32,7 +33,8 @@ from apex_tune.settings import ApexSettings
 GIB = 1024**3
 FP32 = 4
 # Optimizer state bytes per trainable element (fp32 moments; torchao's low-bit ones
-# hold 1 or 0.5 byte per element plus one fp32 scale per block of 256 / 128).
+# hold 1 or 0.5 byte per element plus one fp32 scale per block of 256 / 128, and keep
+# tensors under 4096 elements in fp32: a slight undercount for those).
 OPTIMIZER_STATE_BYTES = {
     "torch.optim.AdamW": 2 * FP32,
     "torch.optim.Adam": 2 * FP32,
@@ -70,16 +72,15 @@ def add_frozen_stages_(model: nn.Module, count: int) -> None:
 
 
 def _fsdp_units(model: nn.Module):
-    """The parameters of each FSDP unit as the recipe wraps them: one per decoder layer,
-    and the root (embeddings, final norm, output head)."""
-    layers = [m for m in model.modules() if m.__class__.__name__ == "TransformerSelfAttentionLayer"]
-    in_layers = set()
-    units = []
-    for layer in layers:
-        params = list(layer.parameters())
-        in_layers.update(id(p) for p in params)
-        units.append(params)
-    units.append([p for p in model.parameters() if id(p) not in in_layers])
+    """The (name, parameter) pairs of each FSDP unit as the recipe wraps the model: one
+    per decoder layer, then the root (embeddings, final norm, output head)."""
+    units, seen = [], set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, TransformerSelfAttentionLayer):
+            named = [(f"{prefix}.{n}", p) for n, p in module.named_parameters()]
+            seen.update(id(p) for _, p in named)
+            units.append(named)
+    units.append([(n, p) for n, p in model.named_parameters() if id(p) not in seen])
     return units
 
 
@@ -137,7 +138,8 @@ def memory_plan(
     gpu_memory_gib: Optional[float] = None,
 ) -> dict:
     """The plan for a wrapped meta-device ``model`` (``apply_apex`` + ``set_apex_trainable``
-    done, base built in ``dtype``). Returns bytes per GPU by item, and totals."""
+    done, base built in ``dtype``). Returns bytes per GPU by item, and totals. Over a
+    quantized base it first gives ``model`` its T - 1 frozen stages, to count them."""
     if world_size < 1:
         raise ValueError(f"--world-size {world_size}: must be at least 1")
     if optimizer not in OPTIMIZER_STATE_BYTES:
@@ -172,10 +174,10 @@ def memory_plan(
     # are all-gathered two at a time (the one computing and the one prefetched); one
     # unit's gradients are whole before their reduce-scatter. Gathered in their dtype
     # (fp32 if trained); NF4 weights and frozen stages are never all-gathered.
-    def unit_bytes(params):
-        gathered = sum(p.numel() * (FP32 if p.requires_grad else dtype_bytes)
-                       for p in params if not hasattr(p, "__tensor_flatten__") and p.dtype.is_floating_point)
-        grads = sum(p.numel() * FP32 for p in params if p.requires_grad)
+    def unit_bytes(named_params):
+        gathered = sum(p.numel() * (FP32 if p.requires_grad else dtype_bytes) for n, p in named_params
+                       if not hasattr(p, "__tensor_flatten__") and param_kind(n) != "history")
+        grads = sum(p.numel() * FP32 for _, p in named_params if p.requires_grad)
         return gathered, grads
 
     *layer_units, root_unit = [unit_bytes(u) for u in _fsdp_units(model)]
