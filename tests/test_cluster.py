@@ -260,3 +260,21 @@ def test_kubeflow_pytorchjob_manifest(monkeypatch):
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
         _check_launch(container["command"], nnodes, nproc, "apex-llama2-7b-master-0:23456")
+
+
+# ------------------------------------------------------------- launch warnings
+@pytest.mark.parametrize("resume,shared_store,expected", [
+    (False, "True", ["resume_from_checkpoint=True", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"]),
+    (True, "False", []),
+])
+def test_elastic_launch_warnings(monkeypatch, caplog, resume, shared_store, expected):
+    import apex_finetune
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared_store)
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level("WARNING"):
+        apex_finetune._check_elastic_launch(resume)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == len(expected)
+    assert all(fix in warning for fix, warning in zip(expected, warnings))
