@@ -94,32 +94,45 @@ def activation_bytes(
     vocab_size: int,
     dtype_bytes: int,
     activation_checkpointing: bool,
+    ratio: float,
     tuned_heads: float,
     tuned_channels: float,
+    delta: bool,
+    train_embeddings: bool,
 ) -> Dict[str, int]:
-    """An estimate of the activations one micro-batch keeps for backward.
+    """An estimate of what one micro-batch keeps for backward (bytes).
 
-    Per decoder layer and token, in ``dtype`` elements (h: embed_dim, kv: the K/V
-    width, i: intermediate_dim):
+    Counted from the tensors autograd saves in a forward pass of a wrapped torchtune
+    Llama (``tests/test_memory_plan.py`` checks it against them). h: embed_dim, kv:
+    K/V width, i: intermediate_dim, K: ``apex.ratio``, r_h / r_c: the tuned fraction of
+    head units / channels (2K, P and N, without the delta). Per layer and token, in
+    ``dtype`` elements: the frozen base's q, k and v (torchtune expands K/V to every
+    query head), attention output and FFN w1, w3, gate outputs, 4h + 3i (frozen
+    projections keep no inputs); APEX's gathered
+    slices, r_h (h + 2kv) + K kv + 5 r_c i + 2 K i; with the delta also the normed
+    inputs and q/k sums, 2h + r_h (h + kv); plus both norms' inputs in fp32 (8h bytes).
+    Per layer, independent of tokens: the gathered weight slices of output_proj and
+    w2, (2 r_h + K) h^2 + (2 r_c + K) h i elements.
 
-    - attention 6h + 3kv: the norm's input and output, q/k/v, the rotated q/k, the
-      attention output and the output projection's input (fused SDPA: no s x s scores);
-    - FFN 2h + 4i: the norm's input and output, w1 and w3 outputs, the gate and the
-      product fed to w2;
-    - APEX r_h (h + kv) + 3 r_c i: the gathered slices its wrappers keep (r: the tuned
-      fraction of head units and of channels; P and N only without the delta).
-
-    Without activation checkpointing every layer keeps all of it. With it (one
-    checkpoint per layer) each layer keeps its input (h) and one layer at a time is
-    recomputed whole. The loss keeps the logits in ``dtype`` plus their fp32
-    upcast (torchtune's chunked cross-entropy): tokens x vocab x (dtype + 4) bytes.
+    Without activation checkpointing every layer keeps all of it; with it (one
+    checkpoint per layer) each keeps its input (h per token) and one layer at a time
+    is recomputed whole. The model keeps the final norm's fp32 input (and the output
+    head's input when it trains), and the loss the logits and their fp32 log-softmax
+    (torchtune's chunked cross-entropy): tokens x vocab x (dtype + 4) bytes.
     """
-    h, kv, i = embed_dim, kv_dim, intermediate_dim
-    per_layer = 6 * h + 3 * kv + 2 * h + 4 * i + tuned_heads * (h + kv) + 3 * tuned_channels * i
+    h, kv, i, K = embed_dim, kv_dim, intermediate_dim, ratio
+    per_token = 4 * h + 3 * i
+    per_token += tuned_heads * (h + 2 * kv) + K * kv + 5 * tuned_channels * i + 2 * K * i
+    if delta:
+        per_token += 2 * h + tuned_heads * (h + kv)
+    layer = tokens * (per_token * dtype_bytes + 2 * h * FP32)
+    layer += ((2 * tuned_heads + K) * h * h + (2 * tuned_channels + K) * h * i) * dtype_bytes
+    layer = round(layer)
     if activation_checkpointing:
-        layers = tokens * (num_layers * h + per_layer) * dtype_bytes
+        layers = num_layers * tokens * h * dtype_bytes + layer
     else:
-        layers = tokens * num_layers * per_layer * dtype_bytes
+        layers = num_layers * layer
+    layers += tokens * (h * FP32 + (h * dtype_bytes if train_embeddings else 0))
     logits = tokens * vocab_size * (dtype_bytes + FP32)
     return {"decoder_layers": int(layers), "logits_and_loss": int(logits)}
 
@@ -203,8 +216,11 @@ def memory_plan(
         vocab_size=vocab_size,
         dtype_bytes=dtype_bytes,
         activation_checkpointing=activation_checkpointing,
+        ratio=settings.ratio,
         tuned_heads=tuned_heads,
         tuned_channels=tuned_channels,
+        delta=settings.delta,
+        train_embeddings=settings.train_embeddings,
     )
     exact = sum(items.values())
     estimated = working + sum(activations.values())
