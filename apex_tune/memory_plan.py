@@ -14,7 +14,8 @@ fit on N GPUs?" before anything is downloaded. What the recipe keeps per GPU:
 - **estimated**: FSDP2's working set (the root unit, embeddings and output head, stays
   unsharded through the step; two decoder layers unsharded at a time, the one
   computing and the one prefetched; one unit's fp32 gradients whole before their
-  reduce-scatter) and activations from a formula (see :func:`activation_bytes`).
+  reduce-scatter) and activations from a formula (see :func:`activation_bytes`; it
+  models the wrappers over a dense base, not QAPEX's, which dequantize per forward).
 
 Not counted: the CUDA context and NCCL buffers (about 1 GiB per GPU), allocator
 fragmentation, and a mid-stage fused checkpoint, which rank 0 builds in CPU memory.
