@@ -117,7 +117,7 @@ def test_elastic_restart_resumes(assets, one_node_two_processes, tmp_path):  # n
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert marker.exists(), "the fault never fired"
     assert "exitcode: -9" in proc.stderr  # torchrun saw the killed rank
-    assert "no apex_recipe_state.pt" in proc.stderr  # the first attempt started fresh
+    assert "starting fresh" in proc.stderr  # the first attempt found no state
     assert "resumed from step_6 at step 6" in proc.stderr
     assert_same_weights(out, one_node_two_processes)
 
@@ -133,7 +133,8 @@ def test_nodes_must_share_output_dir(assets, one_node_two_processes, tmp_path): 
         out = tmp_path / f"node{node}" / "run"
         out.mkdir(parents=True)
         if node == 0:
-            shutil.copy(one_node_two_processes / RECIPE_STATE_FILE, out / RECIPE_STATE_FILE)
+            state = one_node_two_processes / RECIPE_STATE_FILE
+            (shutil.copytree if state.is_dir() else shutil.copy)(state, out / RECIPE_STATE_FILE)
         commands.append([
             TUNE, "run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"unshared_{port}",
@@ -171,7 +172,7 @@ def test_slurm_launch_two_nodes_and_requeue(assets, one_node_two_processes, tmp_
     killed = {"APEX_TUNE_KILL_AT": "step:7", "MAX_RESTARTS": "0"}
     first = run_together([slurm_launch(n, 2, out, port, killed) + args for n in (0, 1)], tmp_path, {})
     assert all(rc != 0 for rc, _, _ in first)
-    assert any("no apex_recipe_state.pt" in err for _, _, err in first)  # resume on, nothing yet
+    assert any("starting fresh" in err for _, _, err in first)  # resume on, no state yet
 
     port = free_port()
     requeued = run_together([slurm_launch(n, 2, out, port) + args for n in (0, 1)], tmp_path, {})
