@@ -3,6 +3,8 @@
     apex-tune ls
     apex-tune cp llama2/7B_apex my_config.yaml
     apex-tune params --config llama2/7B_apex [key=value ...] [--json]
+    apex-tune params --config llama2/7B_apex --world-size 8 [--dtype bf16] [--gpu-memory-gib 80]
+        (per-GPU memory plan under FSDP2; see apex_tune/memory_plan.py)
 """
 
 import argparse
@@ -35,22 +37,55 @@ def _load_config(name: str, overrides: List[str]):
     return cfg
 
 
-def parameter_report(cfg) -> dict:
-    """Build the config's model on the meta device (no weights), wrap it, count."""
+def _meta_model(cfg, dtype_name: Optional[str] = None):
+    """The config's model on the meta device (no weights), wrapped and frozen as the recipe does."""
     from torchtune import config, training
 
-    from apex_tune.model import apply_apex, set_apex_trainable, trainable_parameter_report
+    from apex_tune.model import apply_apex, set_apex_trainable
     from apex_tune.settings import parse_apex_config
 
     settings, schedule = parse_apex_config(cfg.get("apex"))
-    dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=torch.device("cpu"))
+    dtype = training.get_dtype(dtype_name or cfg.get("dtype", "fp32"), device=torch.device("cpu"))
     with training.set_default_dtype(dtype), torch.device("meta"):
         model = config.instantiate(cfg.model)
     apply_apex(model, settings)
     set_apex_trainable(model, settings)
+    return model, settings, schedule, dtype
+
+
+def parameter_report(cfg) -> dict:
+    """Build the config's model on the meta device (no weights), wrap it, count."""
+    from apex_tune.model import trainable_parameter_report
+
+    model, settings, _, _ = _meta_model(cfg)
     report = trainable_parameter_report(model)
     report["settings"] = settings.to_dict()
     return report
+
+
+def memory_plan_report(cfg, args) -> dict:
+    """The per-GPU memory plan for ``args.world_size`` GPUs (apex_tune/memory_plan.py)."""
+    from apex_tune.memory_plan import memory_plan
+
+    model, settings, schedule, dtype = _meta_model(cfg, args.dtype)
+    seq_len = args.seq_len or cfg.get("tokenizer", {}).get("max_seq_len")
+    if not seq_len:
+        raise ValueError("tokenizer.max_seq_len is not set: give --seq-len")
+    checkpointing = args.activation_checkpointing
+    if checkpointing is None:
+        checkpointing = bool(cfg.get("enable_activation_checkpointing", False))
+    return memory_plan(
+        model,
+        settings,
+        world_size=args.world_size,
+        dtype=dtype,
+        optimizer=cfg.optimizer._component_,
+        num_stages=schedule.num_stages,
+        batch_size=args.batch_size or cfg.batch_size,
+        seq_len=seq_len,
+        activation_checkpointing=checkpointing,
+        gpu_memory_gib=args.gpu_memory_gib,
+    )
 
 
 def _print_report(report: dict) -> None:
@@ -75,6 +110,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     params = sub.add_parser("params", help="trainable-parameter report, without loading weights")
     params.add_argument("--config", required=True)
     params.add_argument("--json", action="store_true", help="print JSON")
+    params.add_argument("--world-size", type=int, help="print the per-GPU memory plan for this many GPUs (FSDP2)")
+    params.add_argument("--dtype", choices=["bf16", "fp32"], help="the frozen base's dtype (default: the config's)")
+    params.add_argument("--batch-size", type=int, help="micro-batch per GPU (default: the config's batch_size)")
+    params.add_argument("--seq-len", type=int, help="tokens per sample (default: tokenizer.max_seq_len)")
+    params.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the config's enable_activation_checkpointing")
+    params.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory to compare with (80)")
     params.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
 
@@ -88,6 +130,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(resolve_config(args.name), dest)
             print(f"copied {args.name} to {dest}")
+        elif args.command == "params" and args.world_size is not None:
+            from apex_tune.memory_plan import format_plan
+
+            plan = memory_plan_report(_load_config(args.config, args.overrides), args)
+            print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
         elif args.command == "params":
             report = parameter_report(_load_config(args.config, args.overrides))
             if args.json:

@@ -132,6 +132,26 @@ def _init_process_group(device: torch.device, timeout_seconds: float) -> None:
     )
 
 
+def _check_elastic_launch(resume: bool) -> None:
+    """Warn about torchrun ``--max-restarts`` set-ups whose restarts cannot work.
+
+    torchrun re-runs the same command after a failure; that continues the run only
+    with ``resume_from_checkpoint=True``. And with torchrun's default shared
+    rendezvous store, restarted workers can read the previous attempt's addresses
+    and fail to connect (pytorch/pytorch#135712); the launcher needs
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives every attempt a new store.
+    """
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) < 1 or os.environ.get("RANK") != "0":
+        return
+    if not resume:
+        log.warning("torchrun --max-restarts: a restart starts the run over; set resume_from_checkpoint=True")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        log.warning(
+            "torchrun --max-restarts with the shared rendezvous store: restarted workers may fail to "
+            "connect (pytorch/pytorch#135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+        )
+
+
 class ApexFinetuneRecipe(FTRecipeInterface):
     """APEX fine-tuning with FSDP2 on any world size (one process included).
 
@@ -179,6 +199,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
+        _check_elastic_launch(self._resume)
         _init_process_group(self._device, cfg.get("distributed_timeout_seconds", 600))
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
@@ -201,6 +222,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         # lookup in the checkpointer stays off.
         base_state = self._load_base(cfg)
         manifest = read_state_manifest(self._output_dir) if self._resume else None
+        self._check_same_resume_point(manifest)
         if self._resume and manifest is None:
             utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_DIR} in {self._output_dir}, starting fresh")
         if manifest is not None and manifest["world_size"] != self.world_size:
@@ -612,6 +634,19 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         if self._fusion_tolerance is not None:
             return float(self._fusion_tolerance)
         return 1e-3 if self._dtype == torch.float32 else 5e-2
+
+    def _check_same_resume_point(self, manifest) -> None:
+        """Every rank must resume from the same saved step (or all start fresh): on
+        several nodes ``output_dir`` has to be one folder that every node reads."""
+        mine = None if manifest is None else manifest["global_step"]
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        if len(set(everyone)) > 1:
+            steps = ", ".join(f"rank {r}: {'none' if s is None else f'step {s}'}" for r, s in enumerate(everyone))
+            raise ConfigError(
+                f"output_dir: the ranks found different resume states in {self._output_dir} ({steps}); "
+                "on several nodes output_dir must be a shared folder (NFS, Lustre, a shared volume)"
+            )
 
     def _check_same_selection(self, selection: List[LayerSelection]) -> None:
         """Every rank must have chosen the same units (their scores were all-reduced)."""
