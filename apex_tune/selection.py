@@ -19,6 +19,12 @@ class UnitSelection:
         return torch.cat([self.disadvantageous, self.advantageous, self.extra])
 
     @classmethod
+    def empty(cls) -> "UnitSelection":
+        """No units: the selection of a kind whose expansion is off."""
+        none = torch.zeros(0, dtype=torch.long)
+        return cls(none, none.clone(), none.clone())
+
+    @classmethod
     def from_ordered(cls, units: torch.Tensor, num_expanded: int) -> "UnitSelection":
         k = num_expanded
         return cls(advantageous=units[k : 2 * k], disadvantageous=units[:k], extra=units[2 * k :])
