@@ -95,8 +95,9 @@ def fused_state_dict(
     """The plain model's state dict that a wrapped state dict fuses to, on CPU.
 
     Rebuilds the wrapped model on the meta device (``build_model`` gives the base
-    architecture in the run's dtype) around copies of the given tensors and fuses it with :func:`fuse_apex`, leaving the live (possibly
-    sharded) training model untouched. With ``probe_tokens`` also returns the
+    architecture in the run's dtype) around copies of the given tensors and fuses
+    it with :func:`fuse_apex`, leaving the live (possibly sharded) training model
+    untouched. With ``probe_tokens`` also returns the
     relative difference of the fused model's logits from the wrapped model's.
     """
     with torch.device("meta"):

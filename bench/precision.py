@@ -9,7 +9,9 @@ Runs ``tune run apex_finetune --config dev/tiny_apex`` (with the delta: tuned ra
   (``APEX_TUNE_KILL_AT=step:5``, before stage 1's fold), so the state holds the APEX
   parameters after 4 optimizer steps: max |a - 1|, |b - 1|, |L1 - L1 at init|, |L2|,
   |delta|, the share of entries that moved, and the relative difference of the
-  movement from the fp32 run's, ||bf16 - fp32|| / ||fp32||;
+  movement from the fp32 run's, ||bf16 - fp32|| / ||fp32||, over the layers whose
+  selection is the same in both runs (the assessment runs in the run's dtype, so
+  near-tied scores can pick other units in bf16; their parameters act on other units);
 - whole runs (10 steps, 2 stages): the largest per-step loss difference and the
   relative difference of the fused stage-2 weights, ||W_bf16 - W_fp32|| / ||W_fp32||,
   next to the fp32 update's size ||W_fp32 - W_base|| / ||W_fp32||.
@@ -70,11 +72,20 @@ def initial_l1() -> dict:
     return {k: v.detach().float() for k, v in model.state_dict().items() if k.endswith(".L1")}
 
 
-def movement(params: dict, l1_init: dict) -> dict:
+def differing_selections(a: Path, b: Path) -> set:
+    """(layer, "attn"/"mlp") whose stage-1 units differ between two runs."""
+    first = [json.loads((out / "apex_selection.json").read_text())[0]["layers"] for out in (a, b)]
+    return {(i, owner) for i, (la, lb) in enumerate(zip(*first))
+            for owner, kind in (("attn", "heads"), ("mlp", "channels")) if la[kind] != lb[kind]}
+
+
+def movement(params: dict, l1_init: dict, skip: set) -> dict:
+    """Per kind, every entry's movement from its init, over the layers not in ``skip``."""
     start = {"a": 1.0, "b": 1.0, "L2": 0.0, "delta": 0.0}
     out = {}
     for kind in KINDS:
-        names = sorted(k for k in params if k.rsplit(".", 1)[-1] == kind)
+        names = sorted(k for k in params if k.rsplit(".", 1)[-1] == kind
+                       and (int(k.split(".")[1]), k.split(".")[2]) not in skip)
         moved = torch.cat([(params[k] - (l1_init[k] if kind == "L1" else start[kind])).flatten() for k in names])
         out[kind] = moved
     return out
@@ -105,15 +116,17 @@ def main() -> None:
         base = weights(root / "assets" / "base")
         l1_init = initial_l1()
         for lr in args.lr:
-            moved, finals = {}, {}
+            stopped, finals = {}, {}
             for dtype in ("fp32", "bf16"):
-                stopped = root / f"stopped_{dtype}_{lr}"
-                tune_run(root / "assets", stopped, f"dtype={dtype}", f"optimizer.lr={lr}", "save_every_n_steps=4",
-                         kill_at="step:5")
-                moved[dtype] = movement(apex_params(stopped), l1_init)
+                stopped[dtype] = root / f"stopped_{dtype}_{lr}"
+                tune_run(root / "assets", stopped[dtype], f"dtype={dtype}", f"optimizer.lr={lr}",
+                         "save_every_n_steps=4", kill_at="step:5")
                 finals[dtype] = root / f"whole_{dtype}_{lr}"
                 tune_run(root / "assets", finals[dtype], f"dtype={dtype}", f"optimizer.lr={lr}")
-            row = {"movement_after_4_steps": {}}
+            skip = differing_selections(stopped["fp32"], stopped["bf16"])
+            moved = {dtype: movement(apex_params(out), l1_init, skip) for dtype, out in stopped.items()}
+            row = {"stage_1_selection_differs": sorted(f"layers.{i}.{owner}" for i, owner in skip),
+                   "movement_after_4_steps": {}}
             for kind in KINDS:
                 bf16, fp32 = moved["bf16"][kind], moved["fp32"][kind]
                 row["movement_after_4_steps"][kind] = {
@@ -134,7 +147,8 @@ def main() -> None:
             }
             results[f"lr={lr:g}"] = row
             print(f"lr {lr:g}: movement after 4 optimizer steps (bf16 run; share of entries moved; "
-                  "||bf16 - fp32|| / ||fp32|| of the movement)")
+                  "||bf16 - fp32|| / ||fp32|| of the movement), without "
+                  f"{row['stage_1_selection_differs'] or 'nothing'} (bf16 assessment selected other units)")
             for kind, m in row["movement_after_4_steps"].items():
                 print(f"  {kind:<6} max |moved| {m['bf16_max_abs']:.3e} (fp32 {m['fp32_max_abs']:.3e})  "
                       f"moved {100 * m['bf16_share_moved']:.1f}%  vs fp32 {m['bf16_vs_fp32_relative']:.3f}")

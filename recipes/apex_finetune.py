@@ -58,7 +58,6 @@ from apex_tune.checkpointing import (
     check_fusion,
     fused_state_dict,
     load_recipe_state,
-    relative_difference,
     replace_dir,
 )
 from apex_tune._faults import fault_point
