@@ -96,9 +96,20 @@ def _print_report(report: dict) -> None:
         f"({100 * report['trainable_fraction']:.3f}% of base)"
     )
     for kind, counts in report["by_kind"].items():
-        print(f"  {kind:<11} trainable {counts['trainable']:>16,}  of {counts['total']:>16,}")
+        print(
+            f"  {kind:<11} trainable {counts['trainable']:>16,}  of {counts['total']:>16,}  "
+            f"{'/'.join(counts['dtypes']) or '-':<14} {counts['bytes'] / 2**30:>9.3f} GiB"
+        )
     for name, value in report["per_layer"].items():
         print(f"per layer {name}: {value:,}")
+    memory = report["memory"]
+    print(
+        f"memory: weights {memory['weights_bytes'] / 2**30:.3f} GiB; training adds "
+        f"{memory['gradient_and_adamw_bytes'] / 2**30:.3f} GiB (gradients and AdamW moments of the "
+        f"trainable parameters), of which fp32 trainable parameters cost "
+        f"{memory['fp32_trainable_extra_bytes'] / 2**30:.3f} GiB with their weights over the base dtype "
+        "(before FSDP sharding, without activations)"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from apex_tune._faults import fault_point
 from apex_tune.inputs import InputError, safetensors_header
-from apex_tune.model import apply_apex, fuse_apex, materialize_apex_buffers_, set_selection
+from apex_tune.model import apply_apex, fuse_apex, materialize_apex_buffers_, set_apex_trainable, set_selection
 from apex_tune.quantization import is_nf4
 from apex_tune.selection import LayerSelection
 from apex_tune.settings import ApexSettings
@@ -346,14 +346,16 @@ def fused_state_dict(
 ) -> Tuple[Dict[str, torch.Tensor], Optional[float]]:
     """The plain model's state dict that a wrapped state dict fuses to, on CPU.
 
-    Rebuilds the wrapped model on the meta device around copies of the given
-    tensors and fuses it with :func:`fuse_apex`, leaving the live (possibly
-    sharded) training model untouched. With ``probe_tokens`` also returns the
+    Rebuilds the wrapped model on the meta device (``build_model`` gives the base
+    architecture in the run's dtype) around copies of the given tensors and fuses
+    it with :func:`fuse_apex`, leaving the live (possibly sharded) training model
+    untouched. With ``probe_tokens`` also returns the
     relative difference of the fused model's logits from the wrapped model's.
     """
     with torch.device("meta"):
         model = build_model()
     apply_apex(model, settings)
+    set_apex_trainable(model, settings)  # fp32 trained embeddings, used in the model's dtype
     if settings.quantize_base:  # the frozen stages the state holds; weights load dequantized
         from apex_tune.quantization import ensure_history_
 

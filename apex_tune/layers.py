@@ -16,6 +16,13 @@ the order ``[N, P, E]``. The wrappers share it:
 
 with W~ = W + Delta on the tuned units (N, P, E) when the dense delta is on.
 The base ``weight``/``bias`` keep their names, so base checkpoints load as is.
+
+Precision: the APEX parameters (M's factors, ``a``, ``b``, delta) are stored
+in fp32 (``APEX_PARAM_DTYPE``) whatever the base dtype, so that an optimizer
+step of about the learning rate is not rounded away (near 1.0 a bf16 step is
+2^-8 .. 2^-7). The forward casts them to the input's dtype where they are
+used (compute in the run dtype); folds are computed in fp32 and cast once
+into the base weight's dtype.
 Index buffers and parameter shapes depend only on the configured sizes, so a
 new selection at a stage boundary changes values, never shapes.
 """
@@ -29,6 +36,9 @@ from torch import nn
 
 from apex_tune._dtensor import assign_, full_value
 from apex_tune.monarch import MonarchMatrix
+
+# Storage dtype of every trainable APEX parameter, whatever the base dtype.
+APEX_PARAM_DTYPE = torch.float32
 
 
 def unit_positions(units: torch.Tensor, group: int, width: int) -> torch.Tensor:
@@ -53,7 +63,7 @@ class ApexExpansion(nn.Module):
         width (int): elements per unit slice (head_dim for heads, 1 for channels).
     """
 
-    def __init__(self, num_expanded: int, num_extra: int, width: int, device=None, dtype=None):
+    def __init__(self, num_expanded: int, num_extra: int, width: int, device=None, dtype=APEX_PARAM_DTYPE):
         super().__init__()
         self.num_expanded = num_expanded
         self.num_extra = num_extra
@@ -106,7 +116,7 @@ class _ApexLinear(nn.Module):
             (len(self.positions), self.in_features) if dim == 0 else (self.out_features, len(self.positions))
         )
         self.delta = (
-            nn.Parameter(torch.zeros(delta_shape, device=device, dtype=base.weight.dtype))
+            nn.Parameter(torch.zeros(delta_shape, device=device, dtype=APEX_PARAM_DTYPE))
             if delta
             else None
         )
@@ -160,7 +170,7 @@ class ApexColumnLinear(_ApexLinear):
         # Not registered as a child: the owning attention/FFN module holds it.
         self._expansion = [expansion] if expansion is not None else []
         self.b = (
-            nn.Parameter(torch.ones(expansion.n, device=base.weight.device, dtype=base.weight.dtype))
+            nn.Parameter(torch.ones(expansion.n, device=base.weight.device, dtype=APEX_PARAM_DTYPE))
             if expansion is not None
             else None
         )
@@ -182,8 +192,8 @@ class ApexColumnLinear(_ApexLinear):
         exp = self.expansion
         n = exp.n
         disadvantageous, advantageous = tuned[..., :n], tuned[..., n : 2 * n]
-        mixed = disadvantageous * exp.a + exp.monarch(advantageous)
-        return torch.cat([mixed, advantageous * self.b, tuned[..., 2 * n :]], dim=-1)
+        mixed = disadvantageous * exp.a.to(tuned.dtype) + exp.monarch(advantageous)
+        return torch.cat([mixed, advantageous * self.b.to(tuned.dtype), tuned[..., 2 * n :]], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._expand(x, F.linear(x, self.weight, self.bias))
@@ -191,7 +201,7 @@ class ApexColumnLinear(_ApexLinear):
     def _expand(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """This stage's change to the outputs ``y`` of the weights it wraps."""
         if self.delta is not None:
-            tuned = y.index_select(-1, self.positions) + F.linear(x, self.delta)
+            tuned = y.index_select(-1, self.positions) + F.linear(x, self.delta.to(x.dtype))
         elif self.expansion is not None:
             tuned = y.index_select(-1, self.positions)
         else:
@@ -205,9 +215,9 @@ class ApexColumnLinear(_ApexLinear):
         """Write W' (delta included) into ``weight``/``bias``; the wrapper then computes
         the same function only after :meth:`reset_parameters`."""
         weight = full_value(self.weight)
-        rows = weight.index_select(0, self.positions)
+        rows = weight.index_select(0, self.positions).float()  # fold in fp32, cast once below
         if self.delta is not None:
-            rows = rows + full_value(self.delta).to(rows.dtype)
+            rows = rows + full_value(self.delta).float()
         if self.expansion is not None:
             rows = self._merged_rows(rows)
         assign_(self.weight, weight.index_copy(0, self.positions, rows.to(weight.dtype)))
@@ -249,7 +259,7 @@ class ApexRowLinear(_ApexLinear):
     def _tuned_columns(self, columns: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
         """W'_T from the base tuned columns (out, tuned), laid out ``[N, P, E]``."""
         if delta is not None:
-            columns = columns + delta
+            columns = columns + delta.to(columns.dtype)
         exp = self.expansion
         out, g, n = columns.shape[0], self.group, exp.n
         # The tuned columns are laid out (group, units, width) (see unit_positions):
@@ -257,7 +267,7 @@ class ApexRowLinear(_ApexLinear):
         grouped = columns.reshape(out, g, -1)
         disadvantageous = grouped[..., :n]
         advantageous = grouped[..., n : 2 * n]
-        mixed = disadvantageous * exp.a + exp.monarch(advantageous)
+        mixed = disadvantageous * exp.a.to(columns.dtype) + exp.monarch(advantageous)
         return torch.cat([mixed, grouped[..., n:]], dim=-1).reshape(out, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

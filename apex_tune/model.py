@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchtune.modules import FeedForward, MultiHeadAttention
+from torchtune.modules import FeedForward, MultiHeadAttention, TiedLinear
+from torchtune.modules.tied_linear import Linear as TiedLinearFunction
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from apex_tune.layers import ApexColumnLinear, ApexExpansion, ApexRowLinear, _ApexLinear
+from apex_tune.layers import APEX_PARAM_DTYPE, ApexColumnLinear, ApexExpansion, ApexRowLinear, _ApexLinear
 from apex_tune.selection import LayerSelection, UnitSelection
 from apex_tune.settings import ApexSettings
 
@@ -127,12 +129,12 @@ def apply_apex(
             raise ValueError(f"layer {layer.index} is already wrapped with APEX")
         attn, mlp = layer.attn, layer.mlp
         hd, group = attn.head_dim, layer.heads_per_unit
-        device, dtype = attn.v_proj.weight.device, attn.v_proj.weight.dtype
+        device = attn.v_proj.weight.device  # APEX parameters are fp32 whatever the base dtype
 
         if HEADS in settings.kinds:
             k_heads = settings.expanded_units(layer.num_head_units, HEADS)
             e_heads = settings.extra_units(layer.num_head_units, HEADS)
-            heads = ApexExpansion(k_heads, e_heads, hd, device=device, dtype=dtype)
+            heads = ApexExpansion(k_heads, e_heads, hd, device=device)
             tuned_heads = 2 * k_heads + e_heads
             attn.apex_expansion = heads
             if settings.delta:
@@ -146,7 +148,7 @@ def apply_apex(
         if CHANNELS in settings.kinds:
             k_ch = settings.expanded_units(layer.num_channel_units, CHANNELS)
             e_ch = settings.extra_units(layer.num_channel_units, CHANNELS)
-            channels = ApexExpansion(k_ch, e_ch, 1, device=device, dtype=dtype)
+            channels = ApexExpansion(k_ch, e_ch, 1, device=device)
             tuned_ch = 2 * k_ch + e_ch
             mlp.apex_expansion = channels
             mlp.w1 = ApexColumnLinear(_linear(mlp.w1), tuned_ch, 1, channels, settings.delta)
@@ -300,7 +302,8 @@ def fuse_apex(model: nn.Module) -> nn.Module:
     """Fold the operators into the weights and remove every wrapper, in place.
 
     The result is the plain base architecture: its state dict has exactly the
-    base model's keys and shapes. A quantized base is folded with its frozen
+    base model's keys and shapes, and trained fp32 embeddings go back to the
+    base dtype. A quantized base is folded with its frozen
     stages and dequantized: the result holds no NF4 weights.
     """
     for layer in _wrapped_layers(model):
@@ -320,6 +323,7 @@ def fuse_apex(model: nn.Module) -> nn.Module:
                 del owner.apex_expansion
             if hasattr(owner, "apex_history"):
                 del owner.apex_history
+    _restore_embedding_dtypes_(model)
     return model
 
 
@@ -343,8 +347,88 @@ def apex_trainable_params(model: nn.Module, settings: ApexSettings) -> Dict[str,
 
 
 def set_apex_trainable(model: nn.Module, settings: ApexSettings) -> None:
-    """Freeze the base model; train only what :func:`apex_trainable_params` names."""
+    """Freeze the base model; train only what :func:`apex_trainable_params` names.
+
+    With ``train_embeddings`` the token embeddings and output head are stored in
+    fp32 from here on, like the other APEX parameters, and cast to the base dtype
+    where they are used (:func:`_train_embeddings_in_fp32_`). Call it before
+    loading weights or sharding (on the meta device, as the recipe does).
+    """
+    if settings.train_embeddings:
+        _train_embeddings_in_fp32_(model)
     set_trainable_params(model, apex_trainable_params(model, settings))
+
+
+class _Fp32Embedding(nn.Embedding):
+    """An embedding stored in fp32 whose output is in the model's compute dtype."""
+
+    compute_dtype: torch.dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens).to(self.compute_dtype)
+
+
+class _Fp32Linear(nn.Linear):
+    """An output head stored in fp32, applied in its input's dtype."""
+
+    compute_dtype: torch.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class _CastingTiedLinearFunction(TiedLinearFunction):
+    """torchtune's tied output projection, reading the (fp32) embedding in its input's dtype."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight.to(x.dtype))
+
+
+def _upcast_parameter_(module: nn.Module, name: str) -> None:
+    param = getattr(module, name)
+    if param is not None and param.dtype != APEX_PARAM_DTYPE:
+        module.register_parameter(
+            name, nn.Parameter(param.detach().to(APEX_PARAM_DTYPE), requires_grad=param.requires_grad)
+        )
+
+
+@torch.no_grad()
+def _train_embeddings_in_fp32_(model: nn.Module) -> None:
+    """Store ``tok_embeddings`` and ``output`` in fp32, computing in the base dtype, in place."""
+    embedding, output = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    if isinstance(embedding, nn.Embedding) and not isinstance(embedding, _Fp32Embedding):
+        dtype = embedding.weight.dtype
+        _upcast_parameter_(embedding, "weight")
+        embedding.__class__ = _Fp32Embedding
+        embedding.compute_dtype = dtype
+    if isinstance(output, nn.Linear) and not isinstance(output, _Fp32Linear):
+        dtype = output.weight.dtype
+        _upcast_parameter_(output, "weight")
+        _upcast_parameter_(output, "bias")
+        output.__class__ = _Fp32Linear
+        output.compute_dtype = dtype
+    elif isinstance(output, TiedLinear):  # reads tok_embeddings.weight, now fp32
+        output.linear.__class__ = _CastingTiedLinearFunction
+
+
+@torch.no_grad()
+def _restore_embedding_dtypes_(model: nn.Module) -> None:
+    """Undo :func:`_train_embeddings_in_fp32_`: plain modules holding the compute dtype."""
+    for name, plain in (("tok_embeddings", nn.Embedding), ("output", nn.Linear)):
+        module = getattr(model, name, None)
+        if isinstance(module, (_Fp32Embedding, _Fp32Linear)):
+            for param_name in ("weight", "bias"):
+                param = getattr(module, param_name, None)
+                if param is not None:
+                    module.register_parameter(
+                        param_name,
+                        nn.Parameter(param.detach().to(module.compute_dtype), requires_grad=param.requires_grad),
+                    )
+            module.__class__ = plain
+    output = getattr(model, "output", None)
+    if isinstance(output, TiedLinear) and isinstance(output.linear, _CastingTiedLinearFunction):
+        output.linear.__class__ = TiedLinearFunction
 
 
 def param_kind(name: str) -> str:
@@ -363,6 +447,15 @@ def param_kind(name: str) -> str:
     return "base"
 
 
+def _storage(param: torch.Tensor) -> tuple:
+    """(dtype name, bytes) of a parameter: NF4 counts its codes and scalers, a sharded
+    parameter its whole size."""
+    if type(param).__name__ == "NF4Tensor":
+        inner, _ = param.__tensor_flatten__()
+        return "nf4", sum(getattr(param, n).numel() * getattr(param, n).element_size() for n in inner)
+    return str(param.dtype).replace("torch.", ""), param.numel() * param.element_size()
+
+
 def trainable_parameter_report(model: nn.Module) -> dict:
     """Counts of all and of trainable parameters, by kind; works on the meta device.
 
@@ -371,16 +464,35 @@ def trainable_parameter_report(model: nn.Module) -> dict:
     stages over a quantized base), base (anything else). The base total
     excludes APEX's own parameters, so ``trainable_fraction`` is relative to the
     plain model that fusion gives back.
+
+    Precision: per kind the storage dtypes and bytes; ``memory`` gives the
+    bytes of all weights, and of what training adds per trainable parameter
+    (its gradient and AdamW's two moments, all in the parameter's dtype), and
+    ``fp32_trainable_extra_bytes``, what keeping the trainable parameters in
+    fp32 costs over keeping them in the base dtype (weights, gradients, moments).
     """
     by_kind = {
-        k: {"total": 0, "trainable": 0}
+        k: {"total": 0, "trainable": 0, "dtypes": set(), "bytes": 0}
         for k in ("operators", "vectors", "deltas", "embeddings", "history", "base")
     }
+    trainable_bytes = trainable_numel = 0
     for name, param in model.named_parameters():  # shared parameters are listed once
         kind = param_kind(name)
+        dtype, size = _storage(param)
         by_kind[kind]["total"] += param.numel()
+        by_kind[kind]["dtypes"].add(dtype)
+        by_kind[kind]["bytes"] += size
         if param.requires_grad:
             by_kind[kind]["trainable"] += param.numel()
+            trainable_bytes += size
+            trainable_numel += param.numel()
+    for counts in by_kind.values():
+        counts["dtypes"] = sorted(counts["dtypes"])
+    # The base dtype: that of its frozen plain tensors (norm scales; NF4 weights excepted).
+    base_itemsize = next(
+        (p.element_size() for n, p in model.named_parameters() if param_kind(n) == "base" and _storage(p)[0] != "nf4"),
+        torch.finfo(APEX_PARAM_DTYPE).bits // 8,
+    )
     base_total = by_kind["base"]["total"] + by_kind["embeddings"]["total"]
     trainable = sum(v["trainable"] for v in by_kind.values())
     per_layer = {}
@@ -397,4 +509,10 @@ def trainable_parameter_report(model: nn.Module) -> dict:
         "trainable_fraction": trainable / base_total if base_total else 0.0,
         "by_kind": by_kind,
         "per_layer": per_layer,
+        "memory": {
+            "weights_bytes": sum(v["bytes"] for v in by_kind.values()),
+            "trainable_bytes": trainable_bytes,
+            "gradient_and_adamw_bytes": 3 * trainable_bytes,
+            "fp32_trainable_extra_bytes": 4 * (trainable_bytes - trainable_numel * base_itemsize),
+        },
     }

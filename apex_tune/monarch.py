@@ -79,7 +79,8 @@ class MonarchMatrix(nn.Module):
         assign_(self.L2, torch.zeros(self.L2.shape, device=self.L2.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return monarch_apply(x, self.L1, self.L2, self.n)
+        # The factors may be stored in higher precision than x (fp32 over a bf16 base).
+        return monarch_apply(x, self.L1.to(x.dtype), self.L2.to(x.dtype), self.n)
 
     def apply_transposed(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ M``: M^T applied to every length-n row of x, in O(n sqrt(n)) as well.
@@ -87,7 +88,7 @@ class MonarchMatrix(nn.Module):
         Used where M acts on a layer's inputs rather than its weights (the
         row wrappers over a quantized base, see :mod:`apex_tune.quantization`).
         """
-        return monarch_apply(x, self.L1, self.L2, self.n, transpose=True)
+        return monarch_apply(x, self.L1.to(x.dtype), self.L2.to(x.dtype), self.n, transpose=True)
 
     def to_dense(self) -> torch.Tensor:
         """The dense n x n matrix M (for fusion checks and tests, not the hot path)."""

@@ -140,13 +140,16 @@ class ApexHistory(nn.ModuleList):
 
 # -------------------------------------------------------------------- wrappers
 def _mix_columns(t: torch.Tensor, n: int, a, L1, L2, b) -> torch.Tensor:
-    """Column-weight mixing on the last dim laid out [N, P, E]: N <- a N + M P, P <- b P."""
+    """Column-weight mixing on the last dim laid out [N, P, E]: N <- a N + M P, P <- b P,
+    in ``t``'s dtype (the operators are stored in fp32)."""
+    a, L1, L2, b = (p.to(t.dtype) for p in (a, L1, L2, b))
     mixed = t[..., :n] * a + monarch_apply(t[..., n : 2 * n], L1, L2, n)
     return torch.cat([mixed, t[..., n : 2 * n] * b, t[..., 2 * n :]], dim=-1)
 
 
 def _row_inputs(x: torch.Tensor, positions, group: int, n: int, a, L1, L2, delta):
-    """One row-weight stage on the inputs: ``(R x, Delta (R x)_T or None)``."""
+    """One row-weight stage on the inputs: ``(R x, Delta (R x)_T or None)``, in ``x``'s dtype."""
+    a, L1, L2 = (p.to(x.dtype) for p in (a, L1, L2))
     tuned = x.index_select(-1, positions)
     grouped = tuned.reshape(*tuned.shape[:-1], group, -1)
     disadvantageous, advantageous = grouped[..., :n], grouped[..., n : 2 * n]
@@ -159,7 +162,7 @@ def _row_inputs(x: torch.Tensor, positions, group: int, n: int, a, L1, L2, delta
         dim=-1,
     )
     tuned = grouped.reshape(tuned.shape)
-    extra = F.linear(tuned, delta) if delta is not None else None
+    extra = F.linear(tuned, delta.to(x.dtype)) if delta is not None else None
     return x.index_copy(-1, positions, tuned), extra
 
 
@@ -216,7 +219,7 @@ class QApexColumnLinear(_QuantizedWrapper, ApexColumnLinear):
         for positions, stage, parts in self._stages():
             tuned = y.index_select(-1, positions)
             if parts.delta is not None:
-                tuned = tuned + F.linear(x, parts.delta)
+                tuned = tuned + F.linear(x, parts.delta.to(x.dtype))
             if parts.b is not None:
                 tuned = _mix_columns(tuned, stage.n, stage.a, stage.L1, stage.L2, parts.b)
             y = y.index_copy(-1, positions, tuned)

@@ -33,12 +33,12 @@ from apex_tune import (
     ApexSettings,
     apply_apex,
     fuse_apex,
-    merge_apex_,
     random_selection,
     reset_apex_parameters,
     set_apex_trainable,
     set_selection,
 )
+from apex_tune.stages import end_stage
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -394,9 +394,10 @@ def train(model: nn.Module, batches: Sequence[Batch], lr: float, weight_decay: f
 
 @dataclass
 class ApexRun:
-    """One APEX training run, mirroring recipes/apex_finetune.py: assess before stage 1,
-    then per stage train, re-select from the stage's scores, merge, reset the optimizer
-    state; the LR schedule runs over all stages; fuse at the end."""
+    """One APEX training run as recipes/apex_finetune.py runs it: assess before stage 1,
+    then per stage train, re-select from the stage's scores and end the stage with the
+    recipe's own boundary (apex_tune.stages.end_stage: fold, reset operators, ranker
+    and optimizer state); the LR schedule runs over all stages; fuse at the end."""
 
     settings: ApexSettings
     stages: int = 2
@@ -442,12 +443,9 @@ class ApexRun:
             if step == ends[stage] and step < len(batches):
                 selection = self._select(model, ranker, stage + 1)
                 start = time.perf_counter()
-                merge_apex_(model, seed=self.seed + stage + 1)
+                end_stage(model, trainer.optimizer, ranker, selection, seed=self.seed + stage + 1)  # as the recipe
                 self.merge_seconds.append(time.perf_counter() - start)
                 self.stage_seconds.append(start - stage_start)
-                set_selection(model, selection)
-                ranker.reset()
-                trainer.optimizer.state.clear()
                 stage, stage_start = stage + 1, time.perf_counter()
         ranker.detach()
         fuse_apex(model)

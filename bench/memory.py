@@ -117,7 +117,7 @@ def matched_lora_rank() -> Dict[str, int]:
 
 
 def build(method: str, dtype: torch.dtype, rank: int):
-    """(model, hook before each forward, stage-boundary function or None)."""
+    """(model, hook before each forward, stage-boundary function of the optimizer or None)."""
     from torchtune.models.llama3 import llama3
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
     from torchtune.training import set_default_dtype
@@ -129,7 +129,8 @@ def build(method: str, dtype: torch.dtype, rank: int):
         set_trainable_params(model, get_adapter_params(model))
         return model, None, None
 
-    from apex_tune import ActivationRanker, apply_apex, merge_apex_, random_selection, set_apex_trainable, set_selection
+    from apex_tune import ActivationRanker, apply_apex, random_selection, set_apex_trainable, set_selection
+    from apex_tune.stages import end_stage
 
     settings = _settings(method == "qapex")
     with set_default_dtype(dtype):
@@ -140,10 +141,8 @@ def build(method: str, dtype: torch.dtype, rank: int):
     ranker = ActivationRanker(model, settings).attach()  # attached all training, as in the recipe
     mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
 
-    def boundary():
-        merge_apex_(model, seed=1)
-        set_selection(model, random_selection(model, torch.Generator().manual_seed(1)))
-        ranker.reset()
+    def boundary(optimizer):  # the recipe's stage boundary
+        end_stage(model, optimizer, ranker, random_selection(model, torch.Generator().manual_seed(1)), seed=1)
 
     return model, lambda: ranker.begin_microbatch(mask), boundary
 
@@ -192,8 +191,7 @@ def child(method: str, dtype_name: str, steps: int, rank: int, checkpointing: bo
     first, second = [], []
     for i in range(steps):
         if boundary is not None and i == steps // 2:
-            boundary()
-            optimizer.state.clear()
+            boundary(optimizer)
         (second if boundary is not None and i >= steps // 2 else first).append(step())
     return {
         "idle_rss_mb": idle,

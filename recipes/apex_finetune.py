@@ -44,7 +44,6 @@ from apex_tune import (
     apply_apex,
     get_selection,
     init_apex_,
-    merge_apex_,
     parse_apex_config,
     random_selection,
     set_apex_trainable,
@@ -64,7 +63,6 @@ from apex_tune.checkpointing import (
     local_model_state,
     local_optimizer_state,
     read_state_manifest,
-    relative_difference,
     replace_dir,
     write_recipe_state,
 )
@@ -84,6 +82,7 @@ from apex_tune.memory_options import activation_offloading, check_memory_options
 from apex_tune.model import materialize_apex_buffers_, param_kind
 from apex_tune.quantization import HISTORY, ensure_history_, load_from_full_model_state_dict, shard_model
 from apex_tune.selection import LayerSelection
+from apex_tune.stages import NonFiniteParameterError, end_stage
 
 log = utils.get_logger("INFO")
 
@@ -657,7 +656,8 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             raise TrainingFault("ranks disagree on the APEX selection; their scores were not summed alike")
 
     def _stage_boundary(self) -> None:
-        """Fuse, re-select from the stage's scores, reset operators and optimizer state."""
+        """Fuse in fp32, re-select from the stage's scores, reset operators, ranker and
+        optimizer state (apex_tune.stages.end_stage, shared with the benchmarks)."""
         start = time.perf_counter()
         finished = self.stage
         last = finished == len(self.stage_ends) - 1
@@ -672,24 +672,21 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 next_selection = self._ranker.select()
                 scores = self._ranker.scores()
             self._check_same_selection(next_selection)
-        # Never fold a non-finite operator into the weights.
-        for name, param in self._model.named_parameters():
-            if param.requires_grad and not torch.isfinite(param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()).all():
-                raise TrainingFault(
-                    f"stage {finished + 1} ends at step {self.global_step} with non-finite values in "
-                    f"{name}; not fusing. The last good checkpoint in {self._output_dir} is kept"
-                )
-        before = self._probe_logits()
-        merge_apex_(self._model, seed=self.seed + finished + 1)
-        difference = relative_difference(before, self._probe_logits())
+        try:
+            difference = end_stage(
+                self._model, self._optimizer, self._ranker, next_selection,
+                seed=self.seed + finished + 1, probe=self._probe_logits,
+            )
+        except NonFiniteParameterError as e:  # never fold a non-finite operator into the weights
+            raise TrainingFault(
+                f"stage {finished + 1} ends at step {self.global_step} with non-finite values in "
+                f"{e.name}; not fusing. The last good checkpoint in {self._output_dir} is kept"
+            ) from e
         fuse_seconds = time.perf_counter() - start
         check_fusion(difference, self._tolerance(), f"stage {finished + 1} fusion at step {self.global_step}")
         self.stage += 1
         if next_selection is not None:
-            set_selection(self._model, next_selection)
             self._log_selection(next_selection, step=self.global_step, scores=scores)
-        self._ranker.reset()
-        self._optimizer.state.clear()
         utils.log_rank_zero(
             log,
             f"stage {finished + 1} done at step {self.global_step}: fused in {fuse_seconds:.3f}s, "
@@ -716,7 +713,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         if self._is_rank_zero:
             if fused or self.settings.quantize_base:  # a quantized base is never merged in place
                 plain, difference = fused_state_dict(
-                    lambda: config.instantiate(self._cfg.model), self.settings, wrapped_sd, selection, self._probe
+                    self._build_model_in_run_dtype, self.settings, wrapped_sd, selection, self._probe
                 )
                 log.info(f"checkpoint {label}: fused-vs-wrapped difference {difference:.2e} on the probe batch")
                 try:
@@ -725,6 +722,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                     failure = [str(e)]
             else:
                 plain = {k: v for k, v in wrapped_sd.items() if param_kind(k) in ("base", "embeddings")}
+            plain = {k: v.to(self._dtype) for k, v in plain.items()}  # trained embeddings are fp32
             if failure[0] is None and not all(torch.isfinite(v).all() for v in plain.values()):
                 failure = [f"checkpoint {label}: the fused weights are not finite; nothing was saved"]
         dist.broadcast_object_list(failure, src=0)
@@ -761,6 +759,10 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             self._output_dir, label, self.rank, tensors, meta, self.world_size, self.global_step, dist.barrier
         )
         dist.barrier()
+
+    def _build_model_in_run_dtype(self) -> nn.Module:
+        with training.set_default_dtype(self._dtype):
+            return config.instantiate(self._cfg.model)
 
     def _write_model(self, state_dict: Dict[str, torch.Tensor], label: str) -> None:
         """Save through the torchtune checkpointer (it writes epoch_<n>), then move into place."""

@@ -49,6 +49,14 @@ VOCAB = 97
 GEOMETRY = dict(vocab_size=VOCAB, num_layers=2, num_heads=8, embed_dim=256, intermediate_dim=512, max_seq_len=64)
 # fp32 rounding of the wrapped forward against the fp32 fold, at any number of stages.
 FUSION_TOLERANCE = 1e-5
+# Two bf16 computations of the same function (the wrapped model and its fold, stored in
+# bf16): each op's output is rounded to bf16 (unit roundoff u = 2^-9; matmuls accumulate
+# in fp32). Along the path of one logit this 2-layer decoder rounds about 14 times per
+# layer (norm, q/k/v, RoPE, attention, output_proj, residual, norm, w1, w3, SiLU*mul,
+# w2, residual) plus embedding, final norm and head: n = 31, so each model is within
+# n*u = 0.061 (worst-case linear growth) of the exact function and the two within
+# 2*n*u = 0.12 of each other. Typical errors grow like sqrt(n) (~0.02 measured).
+BF16_FORWARD_TOLERANCE = 2 * 31 * 2.0**-9
 
 
 def build(kind: str = "llama3", seed: int = 0) -> torch.nn.Module:
@@ -248,14 +256,17 @@ def test_saved_state_fuses_to_a_plain_model(dtype, tokens):
         return llama3(num_kv_heads=2, **GEOMETRY).to(dtype)
 
     plain_sd, difference = fused_state_dict(build_plain, s, wrapped_sd, get_selection(model), tokens)
-    assert difference <= (FUSION_TOLERANCE if dtype == torch.float32 else 2e-2)
+    tolerance = FUSION_TOLERANCE if dtype == torch.float32 else BF16_FORWARD_TOLERANCE
+    assert difference <= tolerance
     assert plain_sd.keys() == base.state_dict().keys()
     assert all(type(v) is torch.Tensor and v.dtype == dtype and v.shape == base.state_dict()[k].shape
                for k, v in plain_sd.items())
     plain = build_plain()
     plain.load_state_dict(plain_sd, strict=True)
     with torch.no_grad():
-        assert rel(plain.eval()(tokens).float(), model(tokens).float()) <= (1e-5 if dtype == torch.float32 else 2e-2)
+        assert rel(plain.eval()(tokens).float(), model(tokens).float()) <= tolerance
+        # The bound is far below what the stages change, so it would catch a wrong fold.
+        assert rel(base(tokens).float(), model(tokens).float()) > 10 * tolerance
 
 
 def test_resume_state_rebuilds_the_same_nf4_codes_and_stages():

@@ -202,3 +202,16 @@ def test_awkward_samples_are_handled_and_counted(assets, tmp_path):  # noqa: F81
     assert float(fields["skipped_steps"]) >= 1
     weights = hf_weights(out / "stage_2")
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_run_killed_after_a_stage_end_resumes_exactly(assets, whole_run, tmp_path):  # noqa: F811
+    """The last state is stage 1's end, with the optimizer state just reset (saved as
+    hyperparameters only): the resumed stage 2 starts from a fresh optimizer, as the
+    uninterrupted run does, and ends with the same weights."""
+    out = tmp_path / "run"
+    proc = tune_run(assets, out, env={"APEX_TUNE_KILL_AT": "step:7"}, check=False)
+    assert proc.returncode != 0
+    state = load_recipe_state(out)
+    assert state["progress"]["global_step"] == 5 and state["optimizer"]["state"] == {}
+    tune_run(assets, out, "resume_from_checkpoint=True")
+    assert max_diff(hf_weights(whole_run / "stage_2"), hf_weights(out / "stage_2")) <= 1e-6
