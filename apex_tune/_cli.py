@@ -3,6 +3,7 @@
     apex-tune ls
     apex-tune cp llama2/7B_apex my_config.yaml
     apex-tune params --config llama2/7B_apex [key=value ...] [--json]
+    apex-tune assess --config my.yaml [key=value ...] [--output selection.json]
 """
 
 import argparse
@@ -76,6 +77,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     params.add_argument("--config", required=True)
     params.add_argument("--json", action="store_true", help="print JSON")
     params.add_argument("overrides", nargs="*", help="key=value config overrides")
+    assess = sub.add_parser(
+        "assess", help="run the assessment pass alone and write the selection file for apex_tune.builders.apex_model"
+    )
+    assess.add_argument("--config", required=True)
+    assess.add_argument("--output", type=Path, help="default: the config's model.selection_file")
+    assess.add_argument("--samples", type=int, help="examples to score (default: apex.assess_samples)")
+    assess.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
 
     try:
@@ -94,6 +102,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(json.dumps(report, indent=2))
             else:
                 _print_report(report)
+        elif args.command == "assess":
+            from apex_tune.assessment import assess_config
+
+            path = assess_config(_load_config(args.config, args.overrides), args.output, args.samples)
+            print(f"wrote the APEX selection to {path}")
     except ValueError as e:
         print(f"apex-tune: {e}", file=sys.stderr)
         return 2

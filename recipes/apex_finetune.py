@@ -29,7 +29,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
@@ -63,6 +62,7 @@ from apex_tune.checkpointing import (
     replace_dir,
 )
 from apex_tune._faults import fault_point
+from apex_tune.assessment import assess
 from apex_tune.configs import resolve_config
 from apex_tune.memory_options import activation_offloading, check_memory_options, load_from_full_optimizer_state_dict
 from apex_tune.model import materialize_apex_buffers_, param_kind
@@ -355,36 +355,18 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         """Positions whose next token is trained: padding and ignored positions excluded."""
         return self._shift_labels(labels) != self._loss_fn.ignore_index
 
-    @torch.no_grad()
     def _initial_selection(self, cfg: DictConfig) -> List[LayerSelection]:
         if self.schedule.selection == "random":
             return random_selection(self._model, torch.Generator().manual_seed(self.seed))
-        count = min(self.schedule.assess_samples, len(self._dataset))
-        order = torch.randperm(len(self._dataset), generator=torch.Generator().manual_seed(self.seed))
-        subset = Subset(self._dataset, order[:count].tolist())
-        sampler = torch.utils.data.DistributedSampler(
-            subset, num_replicas=self.world_size, rank=self.rank, shuffle=False
-        )
-        loader = DataLoader(subset, batch_size=self._batch_size, sampler=sampler, collate_fn=self._collate())
-        self._ranker.attach()
-        self._model.eval()
         start = time.perf_counter()
-        for i, batch in enumerate(
-            tqdm(loader, desc="APEX assessment", disable=not self._is_rank_zero, dynamic_ncols=True)
-        ):
-            fault_point(f"assess:{i}")
-            utils.batch_to_device(batch, self._device)
-            labels = batch.pop("labels")
-            self._ranker.begin_microbatch(self._loss_mask(labels))
-            self._model(**batch)
-        self._model.train()
-        self._ranker.all_reduce()
-        selection = self._ranker.select()
-        self._assessment = self._ranker.scores()
+        selection, self._assessment = assess(
+            self._model, self._ranker, self._dataset, self._collate(), self._loss_mask, self._batch_size,
+            self.schedule.assess_samples, self.seed, self._device, self.rank, self.world_size,
+        )
+        count = min(self.schedule.assess_samples, len(self._dataset))
         utils.log_rank_zero(
             log, f"assessment of {count} examples took {time.perf_counter() - start:.2f}s"
         )
-        self._ranker.reset()
         return selection
 
     def _log_selection(self, selection: List[LayerSelection], step: int, scores: dict) -> None:
@@ -406,6 +388,29 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(entries))
         os.replace(tmp, path)
+
+    def _log_effective_ranks(self, stage: int, ranks: List[Dict[str, float]]) -> None:
+        """Stage ``stage``'s effective rank of W' - W per layer and projection: into its
+        apex_selection.json entry, and the mean over layers into the metric log."""
+        if not self._is_rank_zero or not any(ranks):  # a quantized base defers its fold: nothing to rank
+            return
+        path = self._output_dir / SELECTION_LOG
+        entries = json.loads(path.read_text())
+        for entry in entries:
+            if entry["stage"] == stage:
+                entry["effective_rank"] = ranks
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, path)
+        names = sorted({name for layer in ranks for name in layer})
+        self._metric_logger.log_dict(
+            {
+                f"effective_rank_{name}": sum(layer[name] for layer in ranks if name in layer)
+                / sum(name in layer for layer in ranks)
+                for name in names
+            },
+            step=self.global_step,
+        )
 
     # ------------------------------------------------------------- training
     def train(self) -> None:
@@ -591,9 +596,10 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                     f"{name}; not fusing. The last good checkpoint in {self._output_dir} is kept"
                 )
         before = self._probe_logits()
-        merge_apex_(self._model, seed=self.seed + finished + 1)
+        effective_ranks = merge_apex_(self._model, seed=self.seed + finished + 1, effective_ranks=True)
         difference = relative_difference(before, self._probe_logits())
         fuse_seconds = time.perf_counter() - start
+        self._log_effective_ranks(finished + 1, effective_ranks)
         check_fusion(difference, self._tolerance(), f"stage {finished + 1} fusion at step {self.global_step}")
         self.stage += 1
         if next_selection is not None:
