@@ -98,15 +98,18 @@ def find_data() -> Optional[Path]:
 
 
 def require_data() -> Path:
-    """The data folder, or a clear message and a clean exit (0) when it is absent."""
+    """The data folder, or a clear message and a failing exit (1) when it is absent:
+    `make bench` without its data must not look like a benchmark that ran."""
     root = find_data()
     if root is None:
         looked = os.environ.get(DATA_ENV, REPO.parent / "shared" / "data")
-        log(
-            f"bench: skipped, benchmark data not found in {looked} (needs {', '.join(DATA_FILES)}); "
-            f"set {DATA_ENV} to the folder that holds them"
+        print(
+            f"bench: error: benchmark data not found in {looked} (needs {', '.join(DATA_FILES)}); "
+            f"set {DATA_ENV} to the folder that holds them",
+            file=sys.stderr,
+            flush=True,
         )
-        sys.exit(0)
+        sys.exit(1)
     return root
 
 

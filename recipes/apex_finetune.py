@@ -12,6 +12,7 @@ the optimizer state (the LR schedule continues); save the fused model in the
 checkpointer's format after each stage.
 """
 
+import apex_tune._torchao_log  # noqa: F401,I001  (first: before torchtune imports torchao)
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import shutil
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -686,10 +688,15 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         staging = self._output_dir / f"epoch_{self.global_step}"
         if staging.exists():  # left by a crash mid-write
             shutil.rmtree(staging)
-        self._checkpointer.save_checkpoint(
-            {training.MODEL_KEY: state_dict}, epoch=self.global_step, intermediate_checkpoint=False
-        )
-        replace_dir(staging, self._output_dir / label)
+        # The checkpointer names the staging folder in its messages; say where the files end up instead.
+        with _without_checkpointer_messages():
+            self._checkpointer.save_checkpoint(
+                {training.MODEL_KEY: state_dict}, epoch=self.global_step, intermediate_checkpoint=False
+            )
+        final = self._output_dir / label
+        replace_dir(staging, final)
+        size = sum(p.stat().st_size for p in final.iterdir()) / 1024**3
+        log.info(f"model checkpoint {label} ({size:.2f} GiB, checkpointer format) saved to {final}")
 
     def _restore(self, state: Dict[str, Any]) -> None:
         progress = state["progress"]
@@ -733,6 +740,18 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             dist.destroy_process_group()
 
 
+@contextmanager
+def _without_checkpointer_messages():
+    """Drop the torchtune checkpointer's own log records (its logger is shared with everything in torchtune)."""
+    drop = lambda record: not record.pathname.endswith(os.path.join("checkpointing", "_checkpointer.py"))  # noqa: E731
+    logger = utils.get_logger()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _resolve_config_arg(argv: List[str]) -> List[str]:
     """Let ``--config`` take a shipped name (``llama2/7B_apex``) as well as a path."""
     argv = list(argv)
@@ -764,7 +783,8 @@ def main() -> None:
     except (ConfigError, TrainingFault, CheckpointError) as e:
         # One clear line, not a traceback: these are the run's inputs or state, not a bug.
         kind = "config error" if isinstance(e, ConfigError) else "stopped"
-        print(f"apex_finetune: {kind}: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
+            print(f"apex_finetune: {kind}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
