@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # CPU wheel by default; a GPU user picks their build, e.g. TORCH_SPEC="torch==2.13.0" TORCH_INDEX=...
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# Optional extras installed by `make setup` (and so by `make test` and .ci/run): dev tools, HF transformers.
+EXTRAS ?= dev,hf
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo bench clean
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 test: setup
