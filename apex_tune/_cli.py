@@ -43,10 +43,17 @@ def parameter_report(cfg) -> dict:
     from apex_tune.model import apply_apex, set_apex_trainable, trainable_parameter_report
     from apex_tune.settings import parse_apex_config
 
-    settings, schedule = parse_apex_config(cfg.get("apex"))
+    model_cfg = cfg.model
+    if model_cfg.get("_component_") == "apex_tune.builders.apex_model":  # a torchtune recipe config
+        from apex_tune.builders import builder_settings
+
+        base, settings, _ = builder_settings(OmegaConf.to_container(model_cfg, resolve=True))
+        model_cfg = OmegaConf.create(base)
+    else:
+        settings, _ = parse_apex_config(cfg.get("apex"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=torch.device("cpu"))
     with training.set_default_dtype(dtype), torch.device("meta"):
-        model = config.instantiate(cfg.model)
+        model = config.instantiate(model_cfg)
     apply_apex(model, settings)
     set_apex_trainable(model, settings)
     report = trainable_parameter_report(model)
