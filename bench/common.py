@@ -39,6 +39,7 @@ from apex_tune import (
     set_apex_trainable,
     set_selection,
 )
+from apex_tune.effective_rank import effective_rank
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -407,6 +408,8 @@ class ApexRun:
     seed: int = 0
     assess_seconds: float = field(default=0.0, init=False)
     merge_seconds: List[float] = field(default_factory=list, init=False)
+    # per stage boundary: per layer {projection: effective rank of the stage's W' - W}
+    stage_effective_ranks: List[list] = field(default_factory=list, init=False)
     stage_seconds: List[float] = field(default_factory=list, init=False)
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -445,7 +448,7 @@ class ApexRun:
             if step == ends[stage] and step < len(batches):
                 selection = self._select(model, ranker, stage + 1)
                 start = time.perf_counter()
-                merge_apex_(model, seed=self.seed + stage + 1)
+                self.stage_effective_ranks.append(merge_apex_(model, seed=self.seed + stage + 1, effective_ranks=True))
                 self.merge_seconds.append(time.perf_counter() - start)
                 self.stage_seconds.append(start - stage_start)
                 set_selection(model, selection)
@@ -458,6 +461,22 @@ class ApexRun:
 
 
 # ------------------------------------------------------------------ eval
+PROJECTIONS = {"attn": ("q_proj", "k_proj", "v_proj", "output_proj"), "mlp": ("w1", "w3", "w2")}
+
+
+@torch.no_grad()
+def change_effective_ranks(model: nn.Module, base: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Per projection, the mean over layers of the effective rank of the whole run's
+    weight change (plain model: LoRA merged, APEX fused) against the base."""
+    weights = model.state_dict()
+    ranks = {}
+    for owner, names in PROJECTIONS.items():
+        for name in names:
+            keys = [k for k in base if k.endswith(f".{owner}.{name}.weight")]
+            ranks[name] = sum(effective_rank(weights[k].float() - base[k].float()) for k in keys) / len(keys)
+    return ranks
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
     """Token-weighted mean cross-entropy over the labelled positions."""

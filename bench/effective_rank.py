@@ -1,11 +1,17 @@
-"""What recording the effective rank adds to a stage boundary (``python -m bench.effective_rank_cost``).
+"""Effective rank of the weight change: APEX against LoRA and full fine-tuning, and
+what recording it adds to a stage boundary (``python -m bench.effective_rank``).
 
-Times ``merge_apex_`` (the fusion at a stage boundary) with and without
+Comparison: the instruction-tuning task of bench/quality.py, seed 0, each main
+method trained as there; per projection the mean over layers of the effective
+rank of the whole run's change against the base (LoRA merged, APEX fused), and
+APEX's per-stage ranks as the recipe records them.
+
+Cost: times ``merge_apex_`` (the fusion at a stage boundary) with and without
 ``effective_ranks=True`` on the tiny model (dev/tiny_apex) and the benchmark's
 base model (APEX + delta, as in bench/quality.py), interleaved, median of many
 repeats, and a training step of the same model, so the extra time can be read
 against the fusion alone and against a stage. Writes
-bench/results/effective_rank_cost.json.
+bench/results/effective_rank.json (both parts).
 """
 
 import statistics
@@ -71,12 +77,32 @@ def measure(build, settings: ApexSettings) -> dict:
     }
 
 
+def compare() -> dict:
+    from bench.common import load_data
+    from bench.quality import DEFAULT, LABELS, Bench, learning_rates
+
+    lrs, _ = learning_rates(DEFAULT)
+    bench = Bench(load_data(), DEFAULT, lrs)
+    results = {}
+    for method in ("full", "lora", "apex", "apex_delta"):
+        record = bench.run("instruction_tuning", method, seed=0)
+        name = LABELS[method] + (f" (rank {bench.lora_rank})" if method == "lora" else "")
+        results[name] = {
+            "trainable": record["trainable"],
+            "val_loss": record["val_loss"],
+            "whole_run_vs_base": record["effective_rank"],
+            "per_stage": record.get("stage_effective_rank"),
+        }
+        log(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in record["effective_rank"].items()))
+    return results
+
+
 def main() -> None:
     setup_torch()
-    results = {name: measure(build, settings) for name, (build, settings) in CASES.items()}
-    for name, r in results.items():
+    cost = {name: measure(build, settings) for name, (build, settings) in CASES.items()}
+    for name, r in cost.items():
         log(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
-    log(f"wrote {write_json('effective_rank_cost.json', results)}")
+    log(f"wrote {write_json('effective_rank.json', dict(cost=cost, comparison=compare()))}")
 
 
 if __name__ == "__main__":
