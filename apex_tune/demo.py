@@ -119,7 +119,7 @@ def plot(run_dir: Path, losses: List[float], selection_log: list, path: Path) ->
     ax.set_ylim(0, 1)
     ax.set_title("share of P units that changed at each boundary")
     ranked = [e for e in selection_log if "effective_rank" in e]
-    for j, names in enumerate((("v_proj", "output_proj", "q_proj", "k_proj"), ("w1", "w3", "w2"))):
+    for j, (kind, names) in enumerate((("heads", ("v_proj", "output_proj", "q_proj", "k_proj")), ("channels", ("w1", "w3", "w2")))):
         ax = axes[layers + 1][j]
         for name in names:
             values = [
@@ -130,7 +130,8 @@ def plot(run_dir: Path, losses: List[float], selection_log: list, path: Path) ->
             if values:
                 ax.plot([e["stage"] for e in ranked][: len(values)], values, marker="o", label=name)
         ax.set_xlabel("stage")
-        ax.set_title("effective rank of the stage's weight change W' - W (mean over layers)")
+        ax.set_xticks([e["stage"] for e in ranked])
+        ax.set_title(f"{kind}: effective rank of the stage's W' - W (layer mean)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -616,6 +616,9 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         )
         # The live model is fused now: its base weights are the plain model.
         self.save_checkpoint(label=f"stage_{finished + 1}", fused=False)
+        utils.log_rank_zero(
+            log, f"stage {finished + 1} boundary took {time.perf_counter() - start:.3f}s (fusion, checks, checkpoint)"
+        )
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, label: str, fused: bool) -> None:
