@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 # CPU wheel by default; a GPU user picks their build, e.g. TORCH_SPEC="torch==2.13.0" TORCH_INDEX=...
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-# Optional extras installed with the package: `make test EXTRAS=dev,gguf` also runs the
-# GGUF importer's tests (.ci/run does); without the extra they skip.
-EXTRAS ?= dev
+# Optional extras installed by `make setup` (and so by `make test` and .ci/run): dev tools,
+# the GGUF importer (gguf) and HF transformers, the fused checkpoint's real client (hf).
+# `make test EXTRAS=dev` runs the suite without them: their tests skip with a reason.
+EXTRAS ?= dev,gguf,hf
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: setup test demo bench clean

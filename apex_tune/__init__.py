@@ -1,5 +1,7 @@
 """apex_tune: APEX (Advantageous Parameter Expansion) for torchtune."""
 
+from apex_tune import _torchao_log  # noqa: F401  (first: before anything imports torchao)
+
 from apex_tune.layers import ApexColumnLinear, ApexExpansion, ApexRowLinear
 from apex_tune.model import (
     apex_trainable_params,

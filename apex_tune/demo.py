@@ -82,7 +82,7 @@ def plot(run_dir: Path, losses: List[float], selection_log: list, path: Path) ->
 
     first = selection_log[0]
     layers = len(first["layers"])
-    fig, axes = plt.subplots(layers + 1, 2, figsize=(12, 3 * (layers + 1)))
+    fig, axes = plt.subplots(layers + 2, 2, figsize=(12, 3 * (layers + 2)))
     for i in range(layers):
         for j, kind in enumerate(("heads", "channels")):
             ax = axes[i][j]
@@ -118,6 +118,21 @@ def plot(run_dir: Path, losses: List[float], selection_log: list, path: Path) ->
     ax.bar([f"{e['stage'] - 1}->{e['stage']}" for e in selection_log[1:]], changed, color="#2a9d8f")
     ax.set_ylim(0, 1)
     ax.set_title("share of P units that changed at each boundary")
+    ranked = [e for e in selection_log if "effective_rank" in e]
+    for j, (kind, names) in enumerate((("heads", ("v_proj", "output_proj", "q_proj", "k_proj")), ("channels", ("w1", "w3", "w2")))):
+        ax = axes[layers + 1][j]
+        for name in names:
+            values = [
+                sum(layer[name] for layer in e["effective_rank"] if name in layer) / len(e["effective_rank"])
+                for e in ranked
+                if any(name in layer for layer in e["effective_rank"])
+            ]
+            if values:
+                ax.plot([e["stage"] for e in ranked][: len(values)], values, marker="o", label=name)
+        ax.set_xlabel("stage")
+        ax.set_xticks([e["stage"] for e in ranked])
+        ax.set_title(f"{kind}: effective rank of the stage's W' - W (layer mean)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -154,6 +169,11 @@ def main() -> None:
     print("\n=== APEX demo summary ===")
     print(f"held-out answer loss: before {before:.4f}  after {after:.4f}  ({100 * (after - before) / before:+.1f}%)")
     for entry in selection_log:
+        ranks = entry.get("effective_rank")
+        if ranks:
+            mean = {name: sum(layer[name] for layer in ranks) / len(ranks) for name in ranks[0]}
+            print(f"stage {entry['stage']} effective rank of W' - W (mean over layers): "
+                  + ", ".join(f"{name} {value:.1f}" for name, value in mean.items()))
         layer0 = entry["layers"][0]
         print(
             f"stage {entry['stage']} (from step {entry['step']}): layer 0 heads P={layer0['heads']['P']} "

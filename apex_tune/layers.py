@@ -28,7 +28,7 @@ new selection at a stage boundary changes values, never shapes.
 """
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,23 @@ class _ApexLinear(nn.Module):
     def adapter_params(self) -> List[str]:
         return ["delta"] if self.delta is not None else []
 
+    def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Full W' (delta and operators folded in; nothing is written), the folded
+        bias (None where folding leaves it unchanged), and the change of the tuned
+        slice, W'_T - W_T, in fp32 (W' - W is zero outside the slice)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge_(self) -> torch.Tensor:
+        """Write W' into ``weight``/``bias``; the wrapper then computes the same
+        function only after :meth:`reset_parameters`. Returns the tuned slice's
+        change (see :meth:`folded`)."""
+        weight, bias, change = self.folded()
+        assign_(self.weight, weight)
+        if bias is not None:
+            assign_(self.bias, bias)
+        return change
+
     def fuse_(self) -> None:
         """Fold everything into ``weight``/``bias`` for the plain model (:func:`fuse_apex`).
         Here the same as :meth:`merge_`; the quantized wrappers also fold their
@@ -211,20 +228,22 @@ class ApexColumnLinear(_ApexLinear):
         return y.index_copy(-1, self.positions, tuned)
 
     @torch.no_grad()
-    def merge_(self) -> None:
-        """Write W' (delta included) into ``weight``/``bias``; the wrapper then computes
-        the same function only after :meth:`reset_parameters`."""
+    def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         weight = full_value(self.weight)
-        rows = weight.index_select(0, self.positions).float()  # fold in fp32, cast once below
+        base_rows = weight.index_select(0, self.positions).float()  # fold in fp32, cast once below
+        rows = base_rows
         if self.delta is not None:
             rows = rows + full_value(self.delta).float()
         if self.expansion is not None:
             rows = self._merged_rows(rows)
-        assign_(self.weight, weight.index_copy(0, self.positions, rows.to(weight.dtype)))
+        change = rows.float() - base_rows.float()
+        folded_weight = weight.index_copy(0, self.positions, rows.to(weight.dtype))
+        folded_bias = None
         if self.bias is not None and self.expansion is not None:
             bias = full_value(self.bias)
             tuned = self._merged_rows(bias.index_select(0, self.positions).unsqueeze(-1)).squeeze(-1)
-            assign_(self.bias, bias.index_copy(0, self.positions, tuned.to(bias.dtype)))
+            folded_bias = bias.index_copy(0, self.positions, tuned.to(bias.dtype))
+        return folded_weight, folded_bias, change
 
     def _merged_rows(self, rows: torch.Tensor) -> torch.Tensor:
         # rows: (tuned, in). The expansion mixes along rows, so work on the transpose.
@@ -277,13 +296,14 @@ class ApexRowLinear(_ApexLinear):
         return y + F.linear(x.index_select(-1, self.positions), change)
 
     @torch.no_grad()
-    def merge_(self) -> None:
+    def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         weight = full_value(self.weight)
         columns = weight.index_select(1, self.positions).float()
         with _full_fp32_params(self.expansion, self):
             delta = self.delta.float() if self.delta is not None else None
             merged = self._tuned_columns(columns, delta)
-        assign_(self.weight, weight.index_copy(1, self.positions, merged.to(weight.dtype)))
+        folded_weight = weight.index_copy(1, self.positions, merged.to(weight.dtype))
+        return folded_weight, None, merged - columns
 
 
 @contextmanager

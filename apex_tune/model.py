@@ -8,7 +8,7 @@ that read it.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torchtune.modules import FeedForward, MultiHeadAttention, TiedLinear
 from torchtune.modules.tied_linear import Linear as TiedLinearFunction
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
+from apex_tune.effective_rank import effective_rank
 from apex_tune.layers import APEX_PARAM_DTYPE, ApexColumnLinear, ApexExpansion, ApexRowLinear, _ApexLinear
 from apex_tune.selection import LayerSelection, UnitSelection
 from apex_tune.settings import ApexSettings
@@ -163,13 +164,17 @@ def apply_apex(
     return model
 
 
-def _wrappers(layer: ApexLayer, kind: str) -> Iterator[_ApexLinear]:
+def _named_wrappers(layer: ApexLayer, kind: str) -> Iterator[Tuple[str, _ApexLinear]]:
     names = ("q_proj", "k_proj", "v_proj", "output_proj") if kind == HEADS else ("w1", "w3", "w2")
     owner = layer.attn if kind == HEADS else layer.mlp
     for name in names:
         module = getattr(owner, name)
         if isinstance(module, _ApexLinear):
-            yield module
+            yield name, module
+
+
+def _wrappers(layer: ApexLayer, kind: str) -> Iterator[_ApexLinear]:
+    return (module for _, module in _named_wrappers(layer, kind))
 
 
 def _wrapped_layers(model: nn.Module) -> List[ApexLayer]:
@@ -279,22 +284,32 @@ def reset_apex_parameters(model: nn.Module, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def merge_apex_(model: nn.Module, seed: int = 0) -> None:
+def merge_apex_(model: nn.Module, seed: int = 0, effective_ranks: bool = False) -> Optional[List[Dict[str, float]]]:
     """Stage boundary: fold W' (with delta) into the base weights, then reset the operators.
 
     The model keeps its wrappers and computes the same function before and after.
     Over a quantized base the fold is deferred instead: the stage's operators
     are frozen into the layer's ``apex_history`` (see :mod:`apex_tune.quantization`).
+
+    With ``effective_ranks``, returns per layer {projection name: effective rank of
+    its change over the stage, W' - W} (see :mod:`apex_tune.effective_rank`);
+    layers over a quantized base report nothing (their fold is deferred).
     """
+    ranks = []
     for layer in _wrapped_layers(model):
+        layer_ranks = {}
         for kind in layer.expanded_kinds:
             history = layer.history(kind)
             if history is not None:
                 history.freeze_(layer.expansion(kind), list(_wrappers(layer, kind)))
                 continue
-            for wrapper in _wrappers(layer, kind):
-                wrapper.merge_()
+            for name, wrapper in _named_wrappers(layer, kind):
+                change = wrapper.merge_()
+                if effective_ranks:
+                    layer_ranks[name] = effective_rank(change)
+        ranks.append(layer_ranks)
     reset_apex_parameters(model, seed)
+    return ranks if effective_ranks else None
 
 
 @torch.no_grad()

@@ -38,7 +38,8 @@ class UnitSelection:
 
     @classmethod
     def from_dict(cls, d: Dict[str, List[int]]) -> "UnitSelection":
-        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
+        # On the CPU also under a `torch.device("meta")` context (models built on meta).
+        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.long, device="cpu")  # noqa: E731
         return cls(as_tensor(d["P"]), as_tensor(d["N"]), as_tensor(d["E"]))
 
 

@@ -16,7 +16,7 @@ is Adam's step 2 with zero moments (about 0.74x the first update for betas
 state empty.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,14 @@ def first_nonfinite_parameter(model: nn.Module) -> Optional[str]:
     return None
 
 
+class StageEnd(NamedTuple):
+    """What :func:`end_stage` measured: the probe logits' relative change across the fold
+    (None without a probe) and per layer {projection: effective rank} (None unless asked)."""
+
+    difference: Optional[float]
+    effective_ranks: Optional[List[Dict[str, float]]]
+
+
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
     """Forget every moment and step count; keep the hyperparameters (``param_groups``,
     where the LR schedule writes). The next step is a fresh optimizer's first step."""
@@ -57,24 +65,27 @@ def end_stage(
     next_selection: Optional[Sequence[LayerSelection]],
     seed: int,
     probe: Optional[Callable[[], torch.Tensor]] = None,
-) -> Optional[float]:
+    effective_ranks: bool = False,
+) -> StageEnd:
     """The stage boundary, in place: check, fold in fp32, re-select, reset.
 
     ``next_selection`` None keeps the current units (the last stage). ``seed``
     draws the fresh operators. With ``probe`` (a function giving the model's
-    logits on a fixed batch) returns the relative difference of those logits
-    across the fold, which must be rounding only. Raises
-    :class:`NonFiniteParameterError` before touching anything.
+    logits on a fixed batch) the result has the relative difference of those
+    logits across the fold, which must be rounding only; with ``effective_ranks``,
+    the effective rank of each wrapped projection's change over the stage
+    (:func:`~apex_tune.model.merge_apex_`). Raises :class:`NonFiniteParameterError`
+    before touching anything.
     """
     name = first_nonfinite_parameter(model)
     if name is not None:
         raise NonFiniteParameterError(name)
     before = probe() if probe is not None else None
-    merge_apex_(model, seed=seed)
+    ranks = merge_apex_(model, seed=seed, effective_ranks=effective_ranks)
     difference = relative_difference(before, probe()) if probe is not None else None
     if next_selection is not None:
         set_selection(model, next_selection)
     if ranker is not None:
         ranker.reset()
     reset_optimizer_state_(optimizer)
-    return difference
+    return StageEnd(difference, ranks)

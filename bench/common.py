@@ -39,6 +39,7 @@ from apex_tune import (
     set_selection,
 )
 from apex_tune.stages import end_stage
+from apex_tune.effective_rank import effective_rank
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -98,15 +99,18 @@ def find_data() -> Optional[Path]:
 
 
 def require_data() -> Path:
-    """The data folder, or a clear message and a clean exit (0) when it is absent."""
+    """The data folder, or a clear message and a failing exit (1) when it is absent:
+    `make bench` without its data must not look like a benchmark that ran."""
     root = find_data()
     if root is None:
         looked = os.environ.get(DATA_ENV, REPO.parent / "shared" / "data")
-        log(
-            f"bench: skipped, benchmark data not found in {looked} (needs {', '.join(DATA_FILES)}); "
-            f"set {DATA_ENV} to the folder that holds them"
+        print(
+            f"bench: error: benchmark data not found in {looked} (needs {', '.join(DATA_FILES)}); "
+            f"set {DATA_ENV} to the folder that holds them",
+            file=sys.stderr,
+            flush=True,
         )
-        sys.exit(0)
+        sys.exit(1)
     return root
 
 
@@ -405,6 +409,8 @@ class ApexRun:
     seed: int = 0
     assess_seconds: float = field(default=0.0, init=False)
     merge_seconds: List[float] = field(default_factory=list, init=False)
+    # per stage boundary: per layer {projection: effective rank of the stage's W' - W}
+    stage_effective_ranks: List[list] = field(default_factory=list, init=False)
     stage_seconds: List[float] = field(default_factory=list, init=False)
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -443,7 +449,10 @@ class ApexRun:
             if step == ends[stage] and step < len(batches):
                 selection = self._select(model, ranker, stage + 1)
                 start = time.perf_counter()
-                end_stage(model, trainer.optimizer, ranker, selection, seed=self.seed + stage + 1)  # as the recipe
+                ended = end_stage(  # as the recipe
+                    model, trainer.optimizer, ranker, selection, seed=self.seed + stage + 1, effective_ranks=True
+                )
+                self.stage_effective_ranks.append(ended.effective_ranks)
                 self.merge_seconds.append(time.perf_counter() - start)
                 self.stage_seconds.append(start - stage_start)
                 stage, stage_start = stage + 1, time.perf_counter()
@@ -453,6 +462,22 @@ class ApexRun:
 
 
 # ------------------------------------------------------------------ eval
+PROJECTIONS = {"attn": ("q_proj", "k_proj", "v_proj", "output_proj"), "mlp": ("w1", "w3", "w2")}
+
+
+@torch.no_grad()
+def change_effective_ranks(model: nn.Module, base: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Per projection, the mean over layers of the effective rank of the whole run's
+    weight change (plain model: LoRA merged, APEX fused) against the base."""
+    weights = model.state_dict()
+    ranks = {}
+    for owner, names in PROJECTIONS.items():
+        for name in names:
+            keys = [k for k in base if k.endswith(f".{owner}.{name}.weight")]
+            ranks[name] = sum(effective_rank(weights[k].float() - base[k].float()) for k in keys) / len(keys)
+    return ranks
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
     """Token-weighted mean cross-entropy over the labelled positions."""

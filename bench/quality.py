@@ -32,6 +32,7 @@ from bench.common import (
     Data,
     base_model,
     base_state,
+    change_effective_ranks,
     count_trainable,
     eval_windows,
     exact_match,
@@ -190,6 +191,7 @@ class Bench:
             model = merged_lora(model, self.lora_rank)
         # Every method is evaluated as the plain base architecture (APEX comes back fused).
         metrics, eval_seconds = timed(task.evaluate, model)
+        effective_ranks = change_effective_ranks(model, self.state)
         record = dict(
             task=task_name,
             group=group,
@@ -203,6 +205,7 @@ class Bench:
             train_seconds=seconds,
             eval_seconds=eval_seconds,
             final_train_loss=statistics.mean(losses[-10:]),
+            effective_rank=effective_ranks,
             **metrics,
         )
         if apex is not None:
@@ -214,6 +217,7 @@ class Bench:
                 assess_seconds=apex.assess_seconds,
                 merge_seconds=apex.merge_seconds,
                 stage_seconds=apex.stage_seconds,
+                stage_effective_rank=apex.stage_effective_ranks,
             )
         if seed == 0 and group == "main":
             record["loss_curve"] = [round(statistics.mean(losses[i : i + 5]), 4) for i in range(0, len(losses), 5)]

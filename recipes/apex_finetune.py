@@ -12,6 +12,7 @@ the optimizer state (the LR schedule continues); save the fused model in the
 checkpointer's format after each stage.
 """
 
+import apex_tune._torchao_log  # noqa: F401,I001  (first: before torchtune imports torchao)
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import shutil
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -29,7 +31,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
@@ -67,6 +68,7 @@ from apex_tune.checkpointing import (
     write_recipe_state,
 )
 from apex_tune._faults import fault_point
+from apex_tune.assessment import assess
 from apex_tune.configs import resolve_config
 from apex_tune.inputs import (
     InputError,
@@ -430,36 +432,18 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         """Positions whose next token is trained: padding and ignored positions excluded."""
         return self._shift_labels(labels) != self._loss_fn.ignore_index
 
-    @torch.no_grad()
     def _initial_selection(self, cfg: DictConfig) -> List[LayerSelection]:
         if self.schedule.selection == "random":
             return random_selection(self._model, torch.Generator().manual_seed(self.seed))
-        count = min(self.schedule.assess_samples, len(self._dataset))
-        order = torch.randperm(len(self._dataset), generator=torch.Generator().manual_seed(self.seed))
-        subset = Subset(self._dataset, order[:count].tolist())
-        sampler = torch.utils.data.DistributedSampler(
-            subset, num_replicas=self.world_size, rank=self.rank, shuffle=False
-        )
-        loader = DataLoader(subset, batch_size=self._batch_size, sampler=sampler, collate_fn=self._collate())
-        self._ranker.attach()
-        self._model.eval()
         start = time.perf_counter()
-        for i, batch in enumerate(
-            tqdm(loader, desc="APEX assessment", disable=not self._is_rank_zero, dynamic_ncols=True)
-        ):
-            fault_point(f"assess:{i}")
-            utils.batch_to_device(batch, self._device)
-            labels = batch.pop("labels")
-            self._ranker.begin_microbatch(self._loss_mask(labels))
-            self._model(**batch)
-        self._model.train()
-        self._ranker.all_reduce()
-        selection = self._ranker.select()
-        self._assessment = self._ranker.scores()
+        selection, self._assessment = assess(
+            self._model, self._ranker, self._dataset, self._collate(), self._loss_mask, self._batch_size,
+            self.schedule.assess_samples, self.seed, self._device, self.rank, self.world_size,
+        )
+        count = min(self.schedule.assess_samples, len(self._dataset))
         utils.log_rank_zero(
             log, f"assessment of {count} examples took {time.perf_counter() - start:.2f}s"
         )
-        self._ranker.reset()
         return selection
 
     def _log_selection(self, selection: List[LayerSelection], step: int, scores: dict) -> None:
@@ -481,6 +465,29 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(entries))
         os.replace(tmp, path)
+
+    def _log_effective_ranks(self, stage: int, ranks: List[Dict[str, float]]) -> None:
+        """Stage ``stage``'s effective rank of W' - W per layer and projection: into its
+        apex_selection.json entry, and the mean over layers into the metric log."""
+        if not self._is_rank_zero or not any(ranks):  # a quantized base defers its fold: nothing to rank
+            return
+        path = self._output_dir / SELECTION_LOG
+        entries = json.loads(path.read_text())
+        for entry in entries:
+            if entry["stage"] == stage:
+                entry["effective_rank"] = ranks
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, path)
+        names = sorted({name for layer in ranks for name in layer})
+        self._metric_logger.log_dict(
+            {
+                f"effective_rank_{name}": sum(layer[name] for layer in ranks if name in layer)
+                / sum(name in layer for layer in ranks)
+                for name in names
+            },
+            step=self.global_step,
+        )
 
     # ------------------------------------------------------------- training
     def train(self) -> None:
@@ -673,9 +680,9 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 scores = self._ranker.scores()
             self._check_same_selection(next_selection)
         try:
-            difference = end_stage(
+            difference, effective_ranks = end_stage(
                 self._model, self._optimizer, self._ranker, next_selection,
-                seed=self.seed + finished + 1, probe=self._probe_logits,
+                seed=self.seed + finished + 1, probe=self._probe_logits, effective_ranks=True,
             )
         except NonFiniteParameterError as e:  # never fold a non-finite operator into the weights
             raise TrainingFault(
@@ -683,6 +690,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 f"{e.name}; not fusing. The last good checkpoint in {self._output_dir} is kept"
             ) from e
         fuse_seconds = time.perf_counter() - start
+        self._log_effective_ranks(finished + 1, effective_ranks)
         check_fusion(difference, self._tolerance(), f"stage {finished + 1} fusion at step {self.global_step}")
         self.stage += 1
         if next_selection is not None:
@@ -694,6 +702,9 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         )
         # The live model is fused now: its base weights are the plain model.
         self.save_checkpoint(label=f"stage_{finished + 1}", fused=False)
+        utils.log_rank_zero(
+            log, f"stage {finished + 1} boundary took {time.perf_counter() - start:.3f}s (fusion, checks, checkpoint)"
+        )
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, label: str, fused: bool) -> None:
@@ -769,10 +780,15 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         staging = self._output_dir / f"epoch_{self.global_step}"
         if staging.exists():  # left by a crash mid-write
             shutil.rmtree(staging)
-        self._checkpointer.save_checkpoint(
-            {training.MODEL_KEY: state_dict}, epoch=self.global_step, intermediate_checkpoint=False
-        )
-        replace_dir(staging, self._output_dir / label)
+        # The checkpointer names the staging folder in its messages; say where the files end up instead.
+        with _without_checkpointer_messages():
+            self._checkpointer.save_checkpoint(
+                {training.MODEL_KEY: state_dict}, epoch=self.global_step, intermediate_checkpoint=False
+            )
+        final = self._output_dir / label
+        replace_dir(staging, final)
+        size = sum(p.stat().st_size for p in final.iterdir()) / 1024**3
+        log.info(f"model checkpoint {label} ({size:.2f} GiB, checkpointer format) saved to {final}")
 
     def _restore(self, resumed: Dict[str, Any]) -> None:
         meta, tensors, where = resumed["meta"], resumed["tensors"], resumed["where"]
@@ -817,6 +833,18 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             dist.destroy_process_group()
 
 
+@contextmanager
+def _without_checkpointer_messages():
+    """Drop the torchtune checkpointer's own log records (its logger is shared with everything in torchtune)."""
+    drop = lambda record: not record.pathname.endswith(os.path.join("checkpointing", "_checkpointer.py"))  # noqa: E731
+    logger = utils.get_logger()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _resolve_config_arg(argv: List[str]) -> List[str]:
     """Let ``--config`` take a shipped name (``llama2/7B_apex``) as well as a path."""
     argv = list(argv)
@@ -849,7 +877,8 @@ def main() -> None:
         # One clear line, not a traceback: these are the run's inputs or state, not a bug.
         kind = "config error" if isinstance(e, ConfigError) else "stopped"
         message = " ".join(str(e).split())
-        print(f"apex_finetune: {kind}: {message}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
+            print(f"apex_finetune: {kind}: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -9,7 +9,6 @@ import torch
 
 from apex_tune import _cli as apex_cli
 from apex_tune.memory_plan import FP32, activation_bytes, memory_plan
-from apex_tune.model import param_kind
 
 GIB = 1024**3
 

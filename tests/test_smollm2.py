@@ -10,7 +10,7 @@ from torchtune.datasets import instruct_dataset
 from torchtune.models.qwen2_5._tokenizer import Qwen2_5Tokenizer
 from omegaconf import OmegaConf
 
-from apex_tune.smollm2 import ChatMLTokenizer, smollm2_135m, smollm2_tokenizer
+from apex_tune.smollm2 import ChatMLTokenizer, smollm2_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
