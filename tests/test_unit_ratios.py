@@ -243,3 +243,25 @@ def test_heads_off_over_a_quantized_base(tokens):
     assert not is_quantized(model)
     # fp32 rounding of the wrapped forward against the fp32 fold (as test_quantization).
     torch.testing.assert_close(fused_logits, wrapped_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_recipe_with_heads_off(tmp_path):
+    """`tune run apex_finetune` with apex.ratio_heads=0: attention weights come back untouched."""
+    import json
+
+    from test_recipe import hf_weights, tune_run
+    from apex_tune.tiny import make_tiny_assets
+
+    assets = tmp_path / "assets"
+    make_tiny_assets(assets, num_train=200, num_val=20, seed=0)
+    out = tmp_path / "run"
+    tune_run(assets, out, "apex.ratio_heads=0", "apex.delta=True", "apex.tuned_ratio_channels=0.5",
+             "max_steps_per_epoch=3")
+    final, base = hf_weights(out / "stage_2"), hf_weights(assets / "base")
+    changed = {k for k in base if not torch.equal(final[k], base[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in ("gate_proj", "up_proj", "down_proj") for k in changed), changed
+    for entry in json.loads((out / "apex_selection.json").read_text()):
+        for layer in entry["layers"]:
+            assert layer["heads"] == {"P": [], "N": [], "E": []}
+            assert len(layer["channels"]["P"]) == len(layer["channels"]["N"]) > 0
