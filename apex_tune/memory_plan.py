@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torchtune.modules import TransformerSelfAttentionLayer
 
+from apex_tune.layers import ApexRowLinear
 from apex_tune.model import CHANNELS, HEADS, _wrapped_layers, _wrappers, find_apex_layers, param_kind
 from apex_tune.settings import ApexSettings
 
@@ -138,6 +139,41 @@ def activation_bytes(
     return {"decoder_layers": int(layers), "logits_and_loss": int(logits)}
 
 
+def parameter_copy_bytes(model: nn.Module, dtype_bytes: int, activation_checkpointing: bool) -> int:
+    """Bytes of the ``dtype`` copies of fp32 trainable parameters that autograd keeps.
+
+    Under a bf16 base the wrappers cast their fp32 parameters to bf16 where they are
+    used (``param.to(x.dtype)``), and the matmuls keep those copies for backward: per
+    wrapper, its own ``b`` and (column wrappers) delta, and the layer's shared M and ``a`` once per wrapper
+    that mixes with them (2 for heads: v_proj, output_proj; 3 for channels: w1, w3, w2),
+    an upper bound since some uses keep no copy; and a trained output head's weight (or
+    the tied embedding read as one). With activation checkpointing one layer's copies
+    live at a time. None under fp32 (no cast, no copy).
+    """
+    if dtype_bytes >= FP32:
+        return 0
+    per_layer = []
+    for layer in _wrapped_layers(model):
+        elements = 0
+        for kind in (HEADS, CHANNELS):
+            expansion = layer.expansion(kind)
+            wrappers = list(_wrappers(layer, kind))
+            if expansion is not None:
+                mixing = sum(w.expansion is expansion for w in wrappers)
+                elements += mixing * sum(p.numel() for p in expansion.parameters() if p.requires_grad)
+            for wrapper in wrappers:
+                # A row wrapper adds its delta to the gathered columns (counted by the
+                # activation formula) and keeps no copy of it.
+                skip = ("weight", "bias", "delta") if isinstance(wrapper, ApexRowLinear) else ("weight", "bias")
+                elements += sum(p.numel() for n, p in wrapper.named_parameters() if p.requires_grad and n not in skip)
+        per_layer.append(elements * dtype_bytes)
+    layers = max(per_layer, default=0) if activation_checkpointing else sum(per_layer)
+    output = getattr(model, "output", None)
+    head = output.weight if isinstance(output, nn.Linear) else getattr(model.tok_embeddings, "weight", None)
+    head_bytes = head.numel() * dtype_bytes if head is not None and head.requires_grad else 0
+    return layers + head_bytes
+
+
 def memory_plan(
     model: nn.Module,
     settings: ApexSettings,
@@ -223,6 +259,7 @@ def memory_plan(
         delta=settings.delta,
         train_embeddings=settings.train_embeddings,
     )
+    activations["parameter_copies"] = parameter_copy_bytes(model, dtype_bytes, activation_checkpointing)
     exact = sum(items.values())
     estimated = working + sum(activations.values())
     plan = {
