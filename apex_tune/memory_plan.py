@@ -96,7 +96,8 @@ def activation_bytes(
     vocab_size: int,
     dtype_bytes: int,
     activation_checkpointing: bool,
-    ratio: float,
+    ratio_heads: float,
+    ratio_channels: float,
     tuned_heads: float,
     tuned_channels: float,
     delta: bool,
@@ -106,15 +107,16 @@ def activation_bytes(
 
     Counted from the tensors autograd saves in a forward pass of a wrapped torchtune
     Llama (``tests/test_memory_plan.py`` checks it against them). h: embed_dim, kv:
-    K/V width, i: intermediate_dim, K: ``apex.ratio``, r_h / r_c: the tuned fraction of
-    head units / channels (2K, P and N, without the delta). Per layer and token, in
+    K/V width, i: intermediate_dim, K_h / K_c: K as a fraction of the head units /
+    channels (``apex.ratio_heads`` / ``ratio_channels``, 0 for a kind that is off),
+    r_h / r_c: the tuned fraction of head units / channels (2K, P and N, without the delta). Per layer and token, in
     ``dtype`` elements: the frozen base's q, k and v (torchtune expands K/V to every
     query head), attention output and FFN w1, w3, gate outputs, 4h + 3i (frozen
     projections keep no inputs); APEX's gathered
-    slices, r_h (h + 2kv) + K kv + 5 r_c i + 2 K i; with the delta also the normed
+    slices, r_h (h + 2kv) + K_h kv + 5 r_c i + 2 K_c i; with the delta also the normed
     inputs and q/k sums, 2h + r_h (h + kv); plus both norms' inputs in fp32 (8h bytes).
     Per layer, independent of tokens: the gathered weight slices of output_proj and
-    w2, (2 r_h + K) h^2 + (2 r_c + K) h i elements.
+    w2, (2 r_h + K_h) h^2 + (2 r_c + K_c) h i elements.
 
     Without activation checkpointing every layer keeps all of it; with it (one
     checkpoint per layer) each keeps its input (h per token) and one layer at a time
@@ -122,13 +124,13 @@ def activation_bytes(
     head's input when it trains), and the loss the logits and their fp32 log-softmax
     (torchtune's chunked cross-entropy): tokens x vocab x (dtype + 4) bytes.
     """
-    h, kv, i, K = embed_dim, kv_dim, intermediate_dim, ratio
+    h, kv, i, K_h, K_c = embed_dim, kv_dim, intermediate_dim, ratio_heads, ratio_channels
     per_token = 4 * h + 3 * i
-    per_token += tuned_heads * (h + 2 * kv) + K * kv + 5 * tuned_channels * i + 2 * K * i
+    per_token += tuned_heads * (h + 2 * kv) + K_h * kv + 5 * tuned_channels * i + 2 * K_c * i
     if delta:
         per_token += 2 * h + tuned_heads * (h + kv)
     layer = tokens * (per_token * dtype_bytes + 2 * h * FP32)
-    layer += ((2 * tuned_heads + K) * h * h + (2 * tuned_channels + K) * h * i) * dtype_bytes
+    layer += ((2 * tuned_heads + K_h) * h * h + (2 * tuned_channels + K_c) * h * i) * dtype_bytes
     layer = round(layer)
     if activation_checkpointing:
         layers = num_layers * tokens * h * dtype_bytes + layer
@@ -239,11 +241,14 @@ def memory_plan(
     embed_dim = attn.embed_dim
     intermediate_dim = layers[0].mlp.w1.out_features
     vocab_size = next(m for m in model.modules() if isinstance(m, nn.Embedding)).num_embeddings
-    if settings.delta:
-        tuned_heads = settings.tuned_ratio_heads or 2 * settings.ratio
-        tuned_channels = settings.tuned_ratio_channels or 2 * settings.ratio
-    else:
-        tuned_heads = tuned_channels = 2 * settings.ratio
+    # Per kind, K and the tuned units (N, P and, with the delta, E) as fractions of the
+    # layer's units, from the same rounding the wrappers were built with (0 for a kind
+    # that is off).
+    fraction = {}
+    for kind in (HEADS, CHANNELS):
+        units = layers[0].num_units(kind)
+        k = settings.expanded_units(units, kind)
+        fraction[kind] = (k / units, (2 * k + settings.extra_units(units, kind)) / units)
     activations = activation_bytes(
         tokens=batch_size * seq_len,
         num_layers=len(layers),
@@ -253,9 +258,10 @@ def memory_plan(
         vocab_size=vocab_size,
         dtype_bytes=dtype_bytes,
         activation_checkpointing=activation_checkpointing,
-        ratio=settings.ratio,
-        tuned_heads=tuned_heads,
-        tuned_channels=tuned_channels,
+        ratio_heads=fraction[HEADS][0],
+        ratio_channels=fraction[CHANNELS][0],
+        tuned_heads=fraction[HEADS][1],
+        tuned_channels=fraction[CHANNELS][1],
         delta=settings.delta,
         train_embeddings=settings.train_embeddings,
     )

@@ -73,7 +73,7 @@ def test_activation_checkpointing_keeps_one_input_per_layer():
     """With checkpointing each extra layer adds only its input (t x h in dtype); without,
     a whole layer. The loss keeps the logits and their fp32 log-softmax."""
     dims = dict(embed_dim=4096, kv_dim=4096, intermediate_dim=11008, vocab_size=32000, dtype_bytes=2,
-                ratio=0.1875, tuned_heads=0.5625, tuned_channels=0.465, delta=True, train_embeddings=True)
+                ratio_heads=0.1875, ratio_channels=0.1875, tuned_heads=0.5625, tuned_channels=0.465, delta=True, train_embeddings=True)
     t = 8192
     full = {n: activation_bytes(tokens=t, num_layers=n, activation_checkpointing=False, **dims) for n in (1, 2, 32)}
     ac = {n: activation_bytes(tokens=t, num_layers=n, activation_checkpointing=True, **dims) for n in (1, 2, 32)}
@@ -148,7 +148,7 @@ def test_activation_estimate_matches_saved_tensors(delta):
     measured = _saved_bytes_of_forward(model, torch.randint(0, vocab, (batch, seq)))
     estimate = activation_bytes(
         tokens=batch * seq, num_layers=layers, embed_dim=h, kv_dim=kv_heads * h // heads, intermediate_dim=i,
-        vocab_size=vocab, dtype_bytes=2, activation_checkpointing=False, ratio=0.25, tuned_heads=tuned,
+        vocab_size=vocab, dtype_bytes=2, activation_checkpointing=False, ratio_heads=0.25, ratio_channels=0.25, tuned_heads=tuned,
         tuned_channels=tuned, delta=delta, train_embeddings=True,
     )["decoder_layers"]
     # The bf16 copies of the fp32 APEX parameters and the trained output head (issue #9).
