@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) -m apex_tune.demo --output-dir demo_output
+	$(PY) -m apex_tune.dev.demo --output-dir demo_output
 
 bench: setup
 	$(PY) -m bench.run_all

@@ -2,8 +2,8 @@
 
 from apex_tune import _torchao_log  # noqa: F401  (first: before anything imports torchao)
 
-from apex_tune.layers import ApexColumnLinear, ApexExpansion, ApexRowLinear
-from apex_tune.model import (
+from apex_tune.modules.expansion import ApexColumnLinear, ApexExpansion, ApexRowLinear
+from apex_tune.modules.model import (
     apex_trainable_params,
     apply_apex,
     find_apex_layers,
@@ -18,10 +18,10 @@ from apex_tune.model import (
     set_selection,
     trainable_parameter_report,
 )
-from apex_tune.monarch import MonarchMatrix, monarch_layout
-from apex_tune.ranking import ActivationRanker
-from apex_tune.selection import LayerSelection, UnitSelection, select_units
-from apex_tune.settings import ApexSchedule, ApexSettings, parse_apex_config
+from apex_tune.modules.monarch import MonarchMatrix, monarch_layout
+from apex_tune.modules.ranking import ActivationRanker
+from apex_tune.modules.selection import LayerSelection, UnitSelection, select_units
+from apex_tune.modules.config import ApexSchedule, ApexSettings, parse_apex_config
 
 __all__ = [
     "ActivationRanker",

@@ -38,8 +38,8 @@ from apex_tune import (
     set_apex_trainable,
     set_selection,
 )
-from apex_tune.stages import end_stage
-from apex_tune.effective_rank import effective_rank
+from apex_tune.training.stages import end_stage
+from apex_tune.modules.effective_rank import effective_rank
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -400,7 +400,7 @@ def train(model: nn.Module, batches: Sequence[Batch], lr: float, weight_decay: f
 class ApexRun:
     """One APEX training run as recipes/apex_finetune.py runs it: assess before stage 1,
     then per stage train, re-select from the stage's scores and end the stage with the
-    recipe's own boundary (apex_tune.stages.end_stage: fold, reset operators, ranker
+    recipe's own boundary (apex_tune.training.stages.end_stage: fold, reset operators, ranker
     and optimizer state); the LR schedule runs over all stages; fuse at the end."""
 
     settings: ApexSettings

@@ -20,7 +20,7 @@ import time
 import torch
 
 from apex_tune import ApexSettings, apply_apex, merge_apex_, set_apex_trainable, set_selection
-from apex_tune.tiny import tiny_llama3
+from apex_tune.dev.tiny import tiny_llama3
 from bench.common import MODEL, log, setup_torch, write_json
 from torchtune.models.llama3 import llama3
 

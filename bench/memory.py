@@ -130,7 +130,7 @@ def build(method: str, dtype: torch.dtype, rank: int):
         return model, None, None
 
     from apex_tune import ActivationRanker, apply_apex, random_selection, set_apex_trainable, set_selection
-    from apex_tune.stages import end_stage
+    from apex_tune.training.stages import end_stage
 
     settings = _settings(method == "qapex")
     with set_default_dtype(dtype):
@@ -154,7 +154,7 @@ def _import_everything() -> None:
     import torchtune.modules.peft  # noqa: F401
 
     import apex_tune  # noqa: F401
-    import apex_tune.quantization  # noqa: F401
+    import apex_tune.modules.nf4  # noqa: F401
 
 
 def child(method: str, dtype_name: str, steps: int, rank: int, checkpointing: bool) -> dict:

@@ -3,7 +3,7 @@
     python -m bench.precision [--lr 1e-2 2e-5]
 
 Runs ``tune run apex_finetune --config dev/tiny_apex`` (with the delta: tuned ratios
-0.5) in fp32 and in bf16 at each learning rate, on assets from ``apex_tune.tiny``:
+0.5) in fp32 and in bf16 at each learning rate, on assets from ``apex_tune.dev.tiny``:
 
 - movement: the run saves its resume state every 4 steps and is stopped after step 5
   (``APEX_TUNE_KILL_AT=step:5``, before stage 1's fold), so the state holds the APEX
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from apex_tune.tiny import make_tiny_assets
+from apex_tune.dev.tiny import make_tiny_assets
 from bench.common import write_json
 
 TUNE = str(Path(sys.executable).with_name("tune"))

@@ -51,7 +51,7 @@ from apex_tune import (
     set_selection,
     trainable_parameter_report,
 )
-from apex_tune.checkpointing import (
+from apex_tune.training.checkpointing import (
     RECIPE_STATE_DIR,
     CheckpointError,
     check_fusion,
@@ -67,10 +67,10 @@ from apex_tune.checkpointing import (
     replace_dir,
     write_recipe_state,
 )
-from apex_tune._faults import fault_point
-from apex_tune.assessment import assess
-from apex_tune.configs import resolve_config
-from apex_tune.inputs import (
+from apex_tune.training._faults import fault_point
+from apex_tune.training.assessment import assess
+from apex_tune.cli.config_names import resolve_config
+from apex_tune.training.inputs import (
     InputError,
     check_data_file,
     check_finite,
@@ -80,16 +80,16 @@ from apex_tune.inputs import (
     model_dims,
     tokenizer_error,
 )
-from apex_tune.memory_options import activation_offloading, check_memory_options
-from apex_tune.model import materialize_apex_buffers_, param_kind
-from apex_tune.quantization import HISTORY, ensure_history_, load_from_full_model_state_dict, shard_model
-from apex_tune.selection import LayerSelection
-from apex_tune.stages import NonFiniteParameterError, end_stage
+from apex_tune.training.memory_options import activation_offloading, check_memory_options
+from apex_tune.modules.model import materialize_apex_buffers_, param_kind
+from apex_tune.modules.nf4 import HISTORY, ensure_history_, load_from_full_model_state_dict, shard_model
+from apex_tune.modules.selection import LayerSelection
+from apex_tune.training.stages import NonFiniteParameterError, end_stage
 
 log = utils.get_logger("INFO")
 
 SELECTION_LOG = "apex_selection.json"
-# Test hook (see apex_tune/_faults.py): poison the gradients of this optimizer step.
+# Test hook (see apex_tune/training/_faults.py): poison the gradients of this optimizer step.
 NAN_GRAD_ENV = "APEX_TUNE_NAN_GRAD_AT"
 
 
@@ -195,7 +195,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         self._compile = cfg.get("compile", False)
         self._activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
         self._activation_offloading = cfg.get("enable_activation_offloading", False)
-        try:  # memory switches the device cannot use (apex_tune/memory_options.py)
+        try:  # memory switches the device cannot use (apex_tune/training/memory_options.py)
             check_memory_options(cfg, self._device)
         except ValueError as e:
             raise ConfigError(str(e)) from e
@@ -347,7 +347,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
         mesh = dist.device_mesh.init_device_mesh(self._device.type, (self.world_size,))
-        shard_model(  # torchtune's, with NF4 weights kept out of FSDP (apex_tune/quantization.py)
+        shard_model(  # torchtune's, with NF4 weights kept out of FSDP (apex_tune/modules/nf4.py)
             model=model,
             shard_conditions=[lambda name, m: isinstance(m, modules.TransformerSelfAttentionLayer)],
             cpu_offload=False,
@@ -664,7 +664,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
 
     def _stage_boundary(self) -> None:
         """Fuse in fp32, re-select from the stage's scores, reset operators, ranker and
-        optimizer state (apex_tune.stages.end_stage, shared with the benchmarks)."""
+        optimizer state (apex_tune.training.stages.end_stage, shared with the benchmarks)."""
         start = time.perf_counter()
         finished = self.stage
         last = finished == len(self.stage_ends) - 1

@@ -19,6 +19,7 @@ from torchtune.models.llama3 import llama3
 from torchtune.models.qwen2 import qwen2
 
 from apex_tune import ApexSettings, LayerSelection, UnitSelection, find_apex_layers
+from apex_tune.dev.tiny import make_tiny_assets
 
 VOCAB = 97
 SEQ = 16
@@ -134,3 +135,11 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def rel_diff_fn():
     return rel_diff
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Tiny offline assets (tokenizer, base weights, data) shared by the recipe runs."""
+    root = tmp_path_factory.mktemp("tiny_assets")
+    make_tiny_assets(root, num_train=400, num_val=50, seed=0)
+    return root

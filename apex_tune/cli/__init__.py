@@ -1,0 +1,1 @@
+"""The ``apex-tune`` command: shipped config names, ``assess``, ``params``, ``import-gguf``."""

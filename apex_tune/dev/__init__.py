@@ -1,0 +1,1 @@
+"""Development tools: tiny offline assets (tokenizer, model, data) and ``make demo``."""

@@ -1,0 +1,138 @@
+"""Square Monarch matrices: M = P^T . BD(L2) . P . BD(L1).
+
+BD(L) is block-diagonal with ``nblocks`` blocks of ``block_size x block_size``
+(``nblocks * block_size == n``); P is the reshape-transpose permutation that
+views a length-n vector as ``(nblocks, block_size)`` and reads it back
+column-major. Applying M costs two batched matmuls, O(n sqrt(n)) per vector,
+and never builds the dense n x n matrix; :meth:`MonarchMatrix.to_dense` exists
+for fusion checks and tests.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from apex_tune.modules._dtensor import assign_
+
+
+def nearest_sqrt_divisor(n: int) -> int:
+    """The divisor of ``n`` closest to sqrt(n); the smaller one on a tie.
+
+    The smaller divisor is never farther from sqrt(n) than its cofactor, so the
+    result ``b`` always satisfies ``b <= n // b``.
+    """
+    if n < 1:
+        raise ValueError(f"Monarch size must be positive, got {n}")
+    root = math.sqrt(n)
+    best = 1
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0 and abs(d - root) <= abs(best - root):
+            best = d
+    return best
+
+
+def monarch_layout(n: int) -> tuple[int, int, int]:
+    """Choose ``(padded_n, nblocks, block_size)`` for an n x n Monarch matrix.
+
+    As in the APEX reference, ``nblocks`` is the divisor of n closest to sqrt(n),
+    with no padding. Only where that divisor is degenerate (prime or nearly-prime
+    n, where it is below sqrt(n) / 2 and the factors would approach two dense
+    n x n blocks) is n padded up to the next size with a balanced divisor. The
+    padding rows/columns are never read back, so M restricted to n is exact.
+    """
+    padded = n
+    while True:
+        nblocks = nearest_sqrt_divisor(padded)
+        if padded <= 3 or nblocks * 2 >= math.isqrt(padded):
+            return padded, nblocks, padded // nblocks
+        padded += 1
+
+
+class MonarchMatrix(nn.Module):
+    """A trainable square Monarch matrix acting on the last dimension.
+
+    ``forward(x)`` returns ``x @ M.T`` (M applied to every length-n row of x).
+    At init ``L1`` is Kaiming-uniform and ``L2`` is zero, so M == 0.
+
+    Args:
+        n (int): size of the square matrix.
+    """
+
+    def __init__(self, n: int, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.n = n
+        self.padded_n, self.nblocks, self.block_size = monarch_layout(n)
+        shape = (self.nblocks, self.block_size, self.block_size)
+        self.L1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.L2 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """L1 Kaiming-uniform (a = sqrt(5), fan-in = block size), L2 = 0, so M = 0."""
+        if self.L1.is_meta:
+            return
+        bound = 1.0 / math.sqrt(self.block_size)
+        values = torch.rand(self.L1.shape, generator=generator, dtype=torch.float32)
+        assign_(self.L1, ((values * 2 - 1) * bound).to(self.L1.device))
+        assign_(self.L2, torch.zeros(self.L2.shape, device=self.L2.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The factors may be stored in higher precision than x (fp32 over a bf16 base).
+        return monarch_apply(x, self.L1.to(x.dtype), self.L2.to(x.dtype), self.n)
+
+    def apply_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ M``: M^T applied to every length-n row of x, in O(n sqrt(n)) as well.
+
+        Used where M acts on a layer's inputs rather than its weights (the
+        row wrappers over a quantized base, see :mod:`apex_tune.modules.nf4`).
+        """
+        return monarch_apply(x, self.L1.to(x.dtype), self.L2.to(x.dtype), self.n, transpose=True)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense n x n matrix M (for fusion checks and tests, not the hot path)."""
+        eye = torch.eye(self.n, device=self.L1.device, dtype=self.L1.dtype)
+        return self(eye).T
+
+    def extra_repr(self) -> str:
+        pad = f", padded_n={self.padded_n}" if self.padded_n != self.n else ""
+        return f"n={self.n}, nblocks={self.nblocks}, block_size={self.block_size}{pad}"
+
+
+def monarch_apply(
+    x: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor, n: int, transpose: bool = False
+) -> torch.Tensor:
+    """``x @ M.T`` (or ``x @ M`` with ``transpose``) for M = P^T . BD(L2) . P . BD(L1).
+
+    ``L1``/``L2`` are the ``(nblocks, block_size, block_size)`` factors; rows of
+    ``x`` have length ``n`` (zero-padded to ``nblocks * block_size`` inside).
+    As column-vector operators, M = P^T BD(L2) P BD(L1), so
+    M^T = BD(L1)^T P^T BD(L2)^T P: the transposed apply runs the same steps in
+    reverse order with untransposed blocks.
+    """
+    lead = x.shape[:-1]
+    b, p = L1.shape[0], L1.shape[1]
+    padded_n = b * p
+    if padded_n != n:
+        x = nn.functional.pad(x, (0, padded_n - n))
+    h = x.reshape(-1, b, p)  # (rows, blocks, p)
+    rows = h.shape[0]
+    if not transpose:
+        # BD(L1): each block is one bmm batch entry.
+        h = torch.bmm(h.transpose(0, 1), L1.transpose(1, 2)).transpose(0, 1)
+        # P: read the (b, p) grid column-major, i.e. transpose to (p, b) and
+        # regroup into b blocks of p. Each new block then mixes all old blocks.
+        h = h.transpose(1, 2).reshape(rows, b, p)
+        h = torch.bmm(h.transpose(0, 1), L2.transpose(1, 2)).transpose(0, 1)
+        # P^T: undo the regrouping.
+        h = h.reshape(rows, p, b).transpose(1, 2)
+    else:
+        h = h.transpose(1, 2).reshape(rows, b, p)  # P
+        h = torch.bmm(h.transpose(0, 1), L2).transpose(0, 1)  # BD(L2)^T
+        h = h.reshape(rows, p, b).transpose(1, 2)  # P^T
+        h = torch.bmm(h.transpose(0, 1), L1).transpose(0, 1)  # BD(L1)^T
+    h = h.reshape(rows, padded_n)
+    if padded_n != n:
+        h = h[:, :n]
+    return h.reshape(*lead, n)
