@@ -4,13 +4,16 @@ errors said once, and a benchmark that fails loudly without its data."""
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from apex_tune._torchao_log import SILENCED_PREFIX, SkipCppExtensionsFilter
+from apex_tune._torchao_log import SILENCED_PREFIX
 from apex_tune.tiny import make_tiny_assets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,15 +28,64 @@ def test_torchao_cpp_extensions_line_silenced():
     assert SILENCED_PREFIX not in proc.stdout + proc.stderr
 
 
-def test_torchao_filter_lets_other_messages_through():
-    def record(message):
-        return logging.LogRecord("torchao", logging.WARNING, __file__, 1, message, None, None)
+def test_torchao_filter_lets_other_messages_through(caplog):
+    logger = logging.getLogger("torchao")
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        logger.warning(SILENCED_PREFIX + " due to incompatible torch version 2.13.0+cpu for torchao version 0.15.0")
+        logger.warning("Skipping something else")
+        logger.warning("any other torchao warning")
+    assert [r.getMessage() for r in caplog.records] == ["Skipping something else", "any other torchao warning"]
 
-    keep = SkipCppExtensionsFilter()
-    assert not keep.filter(record(SILENCED_PREFIX + " due to incompatible torch version"))
-    assert keep.filter(record("Skipping something else"))
-    assert keep.filter(record("any other torchao warning"))
-    assert any(isinstance(f, SkipCppExtensionsFilter) for f in logging.getLogger("torchao").filters)
+
+def test_tune_cli_does_not_print_torchao_line():
+    """The `tune` CLI imports torchao before any apex_tune code runs; the start-up hook
+    (apex_tune_quiet_torchao.pth in site-packages) silences the line there too."""
+    assert (Path(sysconfig.get_paths()["purelib"]) / "apex_tune_quiet_torchao.pth").is_file()
+    proc = subprocess.run([BIN / "tune", "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Welcome to the torchtune CLI" in proc.stdout
+    assert SILENCED_PREFIX not in proc.stdout + proc.stderr
+
+
+def test_start_up_hook_keeps_other_torchao_messages_and_torch_unimported():
+    """In a fresh interpreter that never imports apex_tune: nothing is imported at start
+    (not torch, not logging), and after torchtune's import of torchao only the one line is gone."""
+    code = (
+        "import sys; early = [m for m in ('torch', 'torchao', 'logging') if m in sys.modules]\n"
+        "import torchtune, logging; logging.getLogger('torchao').warning('another torchao warning')\n"
+        "print('imported at start:', early)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "imported at start: []" in proc.stdout
+    assert "another torchao warning" in proc.stderr
+    assert SILENCED_PREFIX not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook", ["build_wheel", "build_editable"])
+def test_wheels_install_the_start_up_hook(tmp_path, hook):
+    """Both wheel kinds put the .pth at the root of site-packages (built from a copy of the
+    sources, so the checkout gets no build folders)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for folder in ("apex_tune", "recipes", "configs"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import sys; from setuptools import build_meta; print(build_meta.{hook}(sys.argv[1]))",
+         str(tmp_path)],
+        cwd=source, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheel = tmp_path / proc.stdout.split()[-1]
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "apex_tune_quiet_torchao.pth" in names
+    pth = zipfile.ZipFile(wheel).read("apex_tune_quiet_torchao.pth").decode()
+    assert pth == (REPO / "recipes" / "apex_tune_quiet_torchao.pth").read_text()
+    if hook == "build_wheel":
+        assert "apex_tune_quiet_torchao.py" in names
 
 
 def test_bench_fails_loudly_without_data(tmp_path):
@@ -55,11 +107,10 @@ def assets(tmp_path_factory):
 
 @pytest.mark.slow
 def test_printed_paths_exist(assets, tmp_path):
-    """Run the recipe module as `tune run` does in one process (runpy), without the
-    `tune` CLI itself, which imports torchao before any apex_tune code can filter it."""
+    """Through the `tune` CLI, as a user runs it."""
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "apex_finetune", "--config", "dev/tiny_apex", f"assets_dir={assets}", f"output_dir={out}"],
+        [BIN / "tune", "run", "apex_finetune", "--config", "dev/tiny_apex", f"assets_dir={assets}", f"output_dir={out}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     text = proc.stdout + proc.stderr
