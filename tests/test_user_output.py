@@ -48,10 +48,10 @@ def test_tune_cli_does_not_print_torchao_line():
 
 
 def test_start_up_hook_keeps_other_torchao_messages_and_torch_unimported():
-    """In a fresh interpreter that never imports apex_tune: nothing is imported at start
-    (not torch, not logging), and after torchtune's import of torchao only the one line is gone."""
+    """In a fresh interpreter that never imports apex_tune: the hook imports neither torch
+    nor torchao at start, and after torchtune's import of torchao only the one line is gone."""
     code = (
-        "import sys; early = [m for m in ('torch', 'torchao', 'logging') if m in sys.modules]\n"
+        "import sys; early = [m for m in ('torch', 'torchao') if m in sys.modules]\n"
         "import torchtune, logging; logging.getLogger('torchao').warning('another torchao warning')\n"
         "print('imported at start:', early)"
     )
