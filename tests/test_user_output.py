@@ -1,6 +1,7 @@
 """What a user sees: no torchao import noise, printed paths that exist, one-line
 errors said once, and a benchmark that fails loudly without its data."""
 
+import json
 import logging
 import os
 import re
@@ -106,14 +107,20 @@ def assets(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
-def test_printed_paths_exist(assets, tmp_path):
-    """Through the `tune` CLI, as a user runs it."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(assets, tmp_path_factory):
+    """One `tune run apex_finetune --config dev/tiny_apex` through the CLI, as a user runs it."""
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
     proc = subprocess.run(
         [BIN / "tune", "run", "apex_finetune", "--config", "dev/tiny_apex", f"assets_dir={assets}", f"output_dir={out}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=out.parent, capture_output=True, text=True, timeout=600,
     )
+    return out, proc
+
+
+@pytest.mark.slow
+def test_printed_paths_exist(tiny_run):
+    out, proc = tiny_run
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert SILENCED_PREFIX not in text
@@ -122,6 +129,34 @@ def test_printed_paths_exist(assets, tmp_path):
     missing = [p for p in printed if not Path(p.rstrip(".")).exists()]
     assert not missing, missing
     assert "epoch_" not in text and "Saving final epoch checkpoint" not in text
+
+
+@pytest.mark.slow
+def test_effective_rank_recorded_and_plotted(tiny_run, tmp_path):
+    """Each stage's effective ranks land in apex_selection.json (per layer and projection)
+    and the metric log (layer means), and `make demo`'s plot draws them."""
+    out, proc = tiny_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    selection_log = json.loads((out / "apex_selection.json").read_text())
+    ranked = [entry for entry in selection_log if "effective_rank" in entry]
+    assert [entry["stage"] for entry in ranked] == [1, 2]
+    # dev/tiny_apex, operators only: the tuned slices (P and N units) are v_proj 16 x 64 (both
+    # KV groups of head_dim 8), output_proj 64 x 64, w1/w3 88 x 64, w2 64 x 88; an effective
+    # rank lies in [1, the slice's smaller side] (1 only for a rank-one change)
+    smaller_side = {"v_proj": 16, "output_proj": 64, "w1": 64, "w3": 64, "w2": 64}
+    for entry in ranked:
+        for layer in entry["effective_rank"]:
+            assert set(layer) == set(smaller_side)
+            assert all(1.0 < value <= smaller_side[name] for name, value in layer.items()), layer
+    logged = " ".join(p.read_text() for p in (out / "logs").glob("*.txt"))
+    for name in ("v_proj", "output_proj", "w1", "w3", "w2"):
+        assert len(re.findall(f"effective_rank_{name}:", logged)) == 2, name
+    pytest.importorskip("matplotlib", reason="the demo's plot needs the dev extra's matplotlib")
+    from apex_tune.demo import plot, read_losses
+
+    png = tmp_path / "apex_demo.png"
+    plot(out, read_losses(out / "logs"), selection_log, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
