@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -64,13 +65,14 @@ def test_start_up_hook_keeps_other_torchao_messages_and_torch_unimported():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hook", ["build_wheel", "build_editable"])
-def test_wheels_install_the_start_up_hook(tmp_path, hook):
-    """Both wheel kinds put the .pth at the root of site-packages (built from a copy of the
-    sources, so the checkout gets no build folders)."""
+@pytest.mark.parametrize("hook", ["build_wheel", "build_editable", "build_sdist"])
+def test_packages_install_the_start_up_hook(tmp_path, hook):
+    """Both wheel kinds put the .pth at the root of site-packages, and the sdist carries it
+    for the wheels built from it (built from a copy of the sources, so the checkout gets no
+    build folders)."""
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
         shutil.copy(REPO / name, source / name)
     for folder in ("apex_tune", "recipes", "configs"):
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -80,7 +82,12 @@ def test_wheels_install_the_start_up_hook(tmp_path, hook):
         cwd=source, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    wheel = tmp_path / proc.stdout.split()[-1]
+    built = tmp_path / proc.stdout.split()[-1]
+    if hook == "build_sdist":
+        with tarfile.open(built) as sdist:
+            assert f"{built.name[:-len('.tar.gz')]}/recipes/apex_tune_quiet_torchao.pth" in sdist.getnames()
+        return
+    wheel = built
     names = zipfile.ZipFile(wheel).namelist()
     assert "apex_tune_quiet_torchao.pth" in names
     pth = zipfile.ZipFile(wheel).read("apex_tune_quiet_torchao.pth").decode()
