@@ -1,21 +1,15 @@
 """Silence exactly one torchao log line: "Skipping import of cpp extensions ...".
 
-torchao 0.15 logs it at import under torch 2.13 (its C++ kernels are built for
-other torch versions; apex_tune does not use them). Imported first by
-``apex_tune`` and the recipe, before anything imports torchao; every other
-torchao message still shows.
+The filter lives in the top-level module ``apex_tune_quiet_torchao``, which the
+installed ``apex_tune_quiet_torchao.pth`` loads at every interpreter start, early
+enough for the ``tune`` CLI (torchtune imports torchao before any apex_tune code
+runs). Imported first by ``apex_tune`` and the recipe, this installs the same
+filter where site-packages' .pth files were not processed (``python -S``).
+Every other torchao message still shows.
 """
 
-import logging
+from apex_tune_quiet_torchao import SILENCED_PREFIX, install_filter
 
-SILENCED_PREFIX = "Skipping import of cpp extensions"
+__all__ = ["SILENCED_PREFIX", "install_filter"]
 
-
-class SkipCppExtensionsFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(SILENCED_PREFIX)
-
-
-_logger = logging.getLogger("torchao")
-if not any(isinstance(f, SkipCppExtensionsFilter) for f in _logger.filters):
-    _logger.addFilter(SkipCppExtensionsFilter())
+install_filter()

@@ -6,25 +6,45 @@ method trained as there; per projection the mean over layers of the effective
 rank of the whole run's change against the base (LoRA merged, APEX fused), and
 APEX's per-stage ranks as the recipe records them.
 
-Cost: times ``merge_apex_`` (the fusion at a stage boundary) with and without
-``effective_ranks=True`` on the tiny model (dev/tiny_apex) and the benchmark's
-base model (APEX + delta, as in bench/quality.py), interleaved, median of many
-repeats, and a training step of the same model, so the extra time can be read
-against the fusion alone and against a stage. Writes
-bench/results/effective_rank.json (both parts).
+Cost, at the tiny model's size (dev/tiny_apex, operators only) and the benchmark
+base's (APEX + delta, as in bench/quality.py):
+
+- ``boundary``: the recipe itself (``recipes/apex_finetune.py``, in-process, one
+  rank, fp32 on CPU, random base weights) runs ``BOUNDARY_STAGES`` short stages;
+  "a stage boundary" is the recipe's whole ``_stage_boundary``: re-selection from
+  the stage's activation scores, ``end_stage`` (finiteness check, the probe batch
+  before and after the fold, the fold, the effective ranks, operator, ranker and
+  optimizer reset), logging, and the checkpoint the recipe saves at every
+  boundary (the plain model through torchtune's HF checkpointer plus the resume
+  state). The time spent inside the effective-rank computation is timed directly,
+  per boundary; reported as a share of that boundary (median over boundaries).
+- ``fusion``: ``merge_apex_`` alone with and without ``effective_ranks=True``,
+  interleaved, median of many repeats, against a training step of the same model.
+
+Writes bench/results/effective_rank.json; ``--cost-only`` reruns the cost part and
+keeps the comparison already there.
 """
 
+import argparse
+import json
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from apex_tune import ApexSettings, apply_apex, merge_apex_, set_apex_trainable, set_selection
-from apex_tune.dev.tiny import tiny_llama3
-from bench.common import MODEL, log, setup_torch, write_json
+import apex_tune.modules.model
+from apex_tune.dev.tiny import TINY_MODEL, make_tiny_assets, save_hf_llama, tiny_llama3
+from bench.common import MODEL, REPO, RESULTS_DIR, log, setup_torch, write_json
 from torchtune.models.llama3 import llama3
 
 REPEATS = 41
+BOUNDARY_STAGES = 12
+STEPS_PER_STAGE = 2
 CASES = {
     "tiny (dev/tiny_apex, operators only)": (tiny_llama3, ApexSettings(ratio=0.25)),
     "benchmark base (APEX + delta)": (
@@ -77,6 +97,74 @@ def measure(build, settings: ApexSettings) -> dict:
     }
 
 
+def _recipe_config(assets: Path, output_dir: Path, model: dict, settings: ApexSettings):
+    cfg = OmegaConf.load(REPO / "configs" / "dev" / "tiny_apex.yaml")
+    cfg.assets_dir, cfg.output_dir = str(assets), str(output_dir)
+    cfg.model.update(model)
+    cfg.apex.update(
+        ratio=settings.ratio,
+        delta=settings.delta,
+        tuned_ratio_heads=settings.tuned_ratio_heads,
+        tuned_ratio_channels=settings.tuned_ratio_channels,
+        num_stages=BOUNDARY_STAGES,
+    )
+    cfg.epochs, cfg.max_steps_per_epoch = 1, BOUNDARY_STAGES * STEPS_PER_STAGE
+    return cfg
+
+
+def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
+    """Run the recipe; time each stage boundary and the effective ranks inside it."""
+    import apex_finetune
+
+    seconds_in_rank = []
+    compute_rank = apex_tune.modules.model.effective_rank  # merge_apex_ looks it up at each call
+
+    def timed_rank(change):
+        start = time.perf_counter()
+        value = compute_rank(change)
+        seconds_in_rank[-1] += time.perf_counter() - start
+        return value
+
+    boundary_seconds = []
+    launch_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    with tempfile.TemporaryDirectory() as output_dir:
+        torch.manual_seed(0)
+        save_hf_llama(tiny_llama3(**model), assets / "base", model)
+        cfg = _recipe_config(assets, Path(output_dir), model, settings)
+        recipe = apex_finetune.ApexFinetuneRecipe(cfg=cfg)
+        stage_boundary = recipe._stage_boundary
+
+        def timed_boundary():
+            seconds_in_rank.append(0.0)
+            start = time.perf_counter()
+            stage_boundary()
+            boundary_seconds.append(time.perf_counter() - start)
+
+        recipe._stage_boundary = timed_boundary
+        apex_tune.modules.model.effective_rank = timed_rank
+        try:
+            recipe.setup(cfg=cfg)
+            recipe.train()
+        finally:
+            apex_tune.modules.model.effective_rank = compute_rank
+            recipe.cleanup()
+            for key, value in launch_env.items():  # the recipe set a one-rank rendezvous; the next run picks its own
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    shares = [100 * r / b for r, b in zip(seconds_in_rank, boundary_seconds)]
+    return {
+        "boundaries": len(boundary_seconds),
+        "boundary_ms": [round(1e3 * b, 2) for b in boundary_seconds],
+        "effective_rank_ms": [round(1e3 * r, 3) for r in seconds_in_rank],
+        "median_boundary_ms": 1e3 * statistics.median(boundary_seconds),
+        "median_effective_rank_ms": 1e3 * statistics.median(seconds_in_rank),
+        "median_share_of_boundary_percent": statistics.median(shares),
+        "max_share_of_boundary_percent": max(shares),
+    }
+
+
 def compare() -> dict:
     from bench.common import load_data
     from bench.quality import DEFAULT, LABELS, Bench, learning_rates
@@ -98,11 +186,26 @@ def compare() -> dict:
 
 
 def main() -> None:
-    setup_torch()
-    cost = {name: measure(build, settings) for name, (build, settings) in CASES.items()}
-    for name, r in cost.items():
-        log(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
-    log(f"wrote {write_json('effective_rank.json', dict(cost=cost, comparison=compare()))}")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cost-only", action="store_true", help="keep the comparison in the existing JSON")
+    args = parser.parse_args()
+    threads = setup_torch()
+    cost = {"torch_threads": threads}
+    with tempfile.TemporaryDirectory() as assets:
+        make_tiny_assets(Path(assets), num_train=200, num_val=20)
+        for (name, (build, settings)), geometry in zip(CASES.items(), (TINY_MODEL, MODEL)):
+            cost[name] = {"boundary": boundary(geometry, settings, Path(assets)), "fusion": measure(build, settings)}
+            b = cost[name]["boundary"]
+            log(
+                f"{name}: stage boundary {b['median_boundary_ms']:.1f} ms, of which effective ranks "
+                f"{b['median_effective_rank_ms']:.2f} ms = {b['median_share_of_boundary_percent']:.2f}% "
+                f"(max {b['max_share_of_boundary_percent']:.2f}%) over {b['boundaries']} boundaries"
+            )
+    if args.cost_only:
+        comparison = json.loads((RESULTS_DIR / "effective_rank.json").read_text())["comparison"]
+    else:
+        comparison = compare()
+    log(f"wrote {write_json('effective_rank.json', dict(cost=cost, comparison=comparison))}")
 
 
 if __name__ == "__main__":

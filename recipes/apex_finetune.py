@@ -869,6 +869,11 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe.cleanup()
 
 
+# Rank 0 prints within milliseconds of the error that every rank meets; the wait only
+# has to outlast scheduling noise on a loaded machine.
+OTHER_RANKS_EXIT_DELAY_S = 2.0
+
+
 def main() -> None:
     sys.argv = [sys.argv[0]] + _resolve_config_arg(sys.argv[1:])
     try:
@@ -879,6 +884,8 @@ def main() -> None:
         message = " ".join(str(e).split())
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
             print(f"apex_finetune: {kind}: {message}", file=sys.stderr, flush=True)
+        else:  # torchrun stops every worker once one exits: let rank 0 say it first
+            time.sleep(OTHER_RANKS_EXIT_DELAY_S)
         sys.exit(1)
 
 
