@@ -38,7 +38,7 @@ from apex_tune import (
     set_selection,
 )
 from apex_tune.training.assessment import score_units
-from apex_tune.training.stages import end_stage, select_units
+from apex_tune.training.stages import choose_selection, end_stage
 from apex_tune.modules.effective_rank import effective_rank
 
 REPO = Path(__file__).resolve().parent.parent
@@ -400,7 +400,7 @@ def train(model: nn.Module, batches: Sequence[Batch], lr: float, weight_decay: f
 class ApexRun:
     """One APEX training run as recipes/apex_finetune.py runs it, with the recipe's own
     stage protocol: score units before stage 1 (apex_tune.training.assessment.score_units)
-    and select (stages.select_units); per stage train, then end the stage
+    and select (stages.choose_selection); per stage train, then end the stage
     (apex_tune.training.stages.end_stage: re-select, fold, reset operators, ranker and
     optimizer state); the LR schedule runs over all stages; fuse at the end."""
 
@@ -426,7 +426,7 @@ class ApexRun:
         if self.selection == "activation":
             inputs = [({"tokens": tokens}, labels != IGNORE) for tokens, labels in assess_batches]
             _, self.assess_seconds = timed(score_units, model, ranker, inputs)
-        set_selection(model, select_units(model, ranker, self.selection, seed=self.seed)[0])
+        set_selection(model, choose_selection(model, ranker, self.selection, seed=self.seed)[0])
         ranker.reset()
         ends = ApexSchedule(num_stages=self.stages).stage_ends(len(batches))
         trainer = Trainer(model, lr, len(batches))

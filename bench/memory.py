@@ -130,7 +130,7 @@ def build(method: str, dtype: torch.dtype, rank: int):
         return model, None, None
 
     from apex_tune import ActivationRanker, apply_apex, set_apex_trainable, set_selection
-    from apex_tune.training.stages import end_stage, select_units
+    from apex_tune.training.stages import choose_selection, end_stage
 
     settings = _settings(method == "qapex")
     with set_default_dtype(dtype):
@@ -138,7 +138,7 @@ def build(method: str, dtype: torch.dtype, rank: int):
     apply_apex(model, settings)
     set_apex_trainable(model, settings)
     ranker = ActivationRanker(model, settings).attach()  # attached all training, as in the recipe
-    set_selection(model, select_units(model, ranker, "random", seed=0)[0])
+    set_selection(model, choose_selection(model, ranker, "random", seed=0)[0])
     mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
 
     def boundary(optimizer):  # the recipe's stage boundary

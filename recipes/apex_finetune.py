@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
@@ -50,26 +50,18 @@ from apex_tune.cli.config_names import resolve_config_argument
 from apex_tune.modules.model import materialize_apex_buffers_
 from apex_tune.training.assessment import assess
 from apex_tune.training.checkpointing import (
-    RECIPE_STATE_DIR,
     CheckpointError,
     base_state_with_history,
     check_fusion,
+    find_resume_state,
     load_local_model_state,
-    load_rank_state,
     plain_checkpoint_state,
-    read_state_manifest,
     remove_unfinished_checkpoints,
     restore_recipe_state,
     save_recipe_state,
     write_model_checkpoint,
 )
-from apex_tune.training.distributed import (
-    check_elastic_launch,
-    check_same_resume_point,
-    init_process_group,
-    load_base_state,
-    shard_apex_model,
-)
+from apex_tune.training.distributed import check_elastic_launch, init_process_group, load_base_state, shard_apex_model
 from apex_tune.training.memory_options import activation_offloading
 from apex_tune.training.run_options import (
     ConfigError,
@@ -84,7 +76,7 @@ from apex_tune.training.run_options import (
     steps_per_epoch,
 )
 from apex_tune.training.selection_log import log_effective_ranks, log_selection
-from apex_tune.training.stages import NonFiniteParameterError, end_stage, select_units
+from apex_tune.training.stages import NonFiniteParameterError, choose_selection, end_stage
 from apex_tune.training.testing import fault_point
 
 log = utils.get_logger("INFO")
@@ -128,7 +120,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         """Build and validate everything first; only then write into output_dir."""
         self._cfg = cfg
         self._checkpointer, base_state = load_base_checkpoint(cfg)
-        resumed = self._find_resume_state()
+        resumed = find_resume_state(self._output_dir, self.options.resume, self.rank, self.world_size)
         self._model = self._setup_model(cfg, base_state_with_history(base_state, resumed), fresh=not resumed)
         if resumed:  # every rank its own shards; NF4 base weights stay as quantized from the base
             load_local_model_state(self._model, resumed["tensors"], resumed["where"])
@@ -178,21 +170,6 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 f"APEX trains {report['trainable_params']:,} of {report['base_params']:,} parameters "
                 f"({100 * report['trainable_fraction']:.3f}%); stages end at steps {self.stage_ends}"
             )
-
-    def _find_resume_state(self) -> Optional[Dict[str, Any]]:
-        """This rank's part of the resume state in output_dir, when asked and present;
-        every rank must find the same one, saved with as many processes."""
-        manifest = read_state_manifest(self._output_dir) if self.options.resume else None
-        check_same_resume_point(None if manifest is None else manifest["global_step"], self.world_size, self._output_dir)
-        if self.options.resume and manifest is None:
-            utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_DIR} in {self._output_dir}, starting fresh")
-            return None
-        if manifest is not None and manifest["world_size"] != self.world_size:
-            raise ConfigError(
-                f"the saved run used {manifest['world_size']} processes, this one {self.world_size}: "
-                "resume with the same --nproc_per_node"
-            )
-        return load_rank_state(self._output_dir, manifest, self.rank) if manifest else None
 
     def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, torch.Tensor], fresh: bool) -> nn.Module:
         """Meta-init, wrap, shard, then load ``state_dict``: the base model (``fresh``:
@@ -249,7 +226,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
     def _initial_selection(self):
         """Stage 1's units: assessed on training examples (or drawn, the random ablation)."""
         if self.schedule.selection == "random":
-            return select_units(self._model, self._ranker, "random", self.seed)
+            return choose_selection(self._model, self._ranker, "random", self.seed)
         start = time.perf_counter()
         selection, scores = assess(
             self._model, self._ranker, self._dataset, self._collate(), self._loss_mask, self._batch_size,

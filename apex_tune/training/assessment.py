@@ -17,7 +17,7 @@ from torchtune import utils
 
 from apex_tune.modules.ranking import ActivationRanker
 from apex_tune.modules.selection import LayerSelection, write_selection_file
-from apex_tune.training.stages import select_units
+from apex_tune.training.stages import choose_selection
 from apex_tune.training.testing import fault_point
 
 
@@ -69,7 +69,7 @@ def assess(
             yield batch, token_mask(labels)
 
     score_units(model, ranker, batches())
-    selection, scores = select_units(model, ranker, "activation", seed)
+    selection, scores = choose_selection(model, ranker, "activation", seed)
     ranker.reset()
     return selection, scores
 

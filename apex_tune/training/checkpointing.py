@@ -19,6 +19,7 @@ from torchtune import training, utils
 
 from apex_tune.training.testing import fault_point
 from apex_tune.training.inputs import InputError, safetensors_header
+from apex_tune.training.distributed import check_same_resume_point
 from apex_tune.training.run_options import ConfigError
 from apex_tune.modules.model import (
     apply_apex,
@@ -364,6 +365,22 @@ def save_recipe_state(
     }
     write_recipe_state(output_dir, label, rank, tensors, meta, world_size, progress["global_step"], dist.barrier)
 
+
+def find_resume_state(output_dir: Path, resume: bool, rank: int, world_size: int) -> Optional[Dict[str, Any]]:
+    """This rank's part of the resume state in ``output_dir`` when ``resume`` is set and
+    one is there (:func:`load_rank_state`), else None. Every rank must find the same
+    state, saved with as many processes."""
+    manifest = read_state_manifest(output_dir) if resume else None
+    check_same_resume_point(None if manifest is None else manifest["global_step"], world_size, output_dir)
+    if resume and manifest is None:
+        utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_DIR} in {output_dir}, starting fresh")
+        return None
+    if manifest is not None and manifest["world_size"] != world_size:
+        raise ConfigError(
+            f"the saved run used {manifest['world_size']} processes, this one {world_size}: "
+            "resume with the same --nproc_per_node"
+        )
+    return load_rank_state(output_dir, manifest, rank) if manifest else None
 
 def base_state_with_history(base_state: Dict[str, torch.Tensor], resumed: Optional[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
     """The base state plus, on resume, the saved frozen stages of a quantized base

@@ -1,7 +1,7 @@
 """The stage-boundary protocol, one code path for the recipe and the benchmarks.
 
-Units are chosen by :func:`select_units` (before stage 1 after the assessment pass,
-``apex_tune.training.assessment``, and at every boundary): at random from a seed
+Units are chosen by :func:`choose_selection` (before stage 1, after the assessment
+pass of ``apex_tune.training.assessment``, and at every boundary): at random from a seed
 (the ablation), or from the ranker's scores summed over ranks; every rank must
 choose the same. At the end of a stage (:func:`end_stage`): check the APEX
 parameters are finite, choose the next units, fold the stage into the weights in
@@ -61,19 +61,20 @@ class StageEnd(NamedTuple):
     scores: dict
 
 
-def select_units(
-    model: nn.Module, ranker: Optional[ActivationRanker], mode: str, seed: int
+def choose_selection(
+    model: nn.Module, ranker: Optional[ActivationRanker], method: str, seed: int
 ) -> Tuple[List[LayerSelection], dict]:
-    """The units of the next stage and the scores behind them: ``"random"`` draws them
-    from ``seed`` (no scores); ``"activation"`` selects from the ranker's scores, summed
-    over ranks first. In a process group every rank must have chosen the same."""
-    if mode == "random":
+    """The units of the next stage and the scores behind them (``apex.selection``):
+    ``"random"`` draws them from ``seed`` (the ablation; no scores), ``"activation"``
+    selects from the ranker's scores, summed over ranks first. In a process group every
+    rank must have chosen the same."""
+    if method == "random":
         selection, scores = random_selection(model, torch.Generator().manual_seed(seed)), {}
-    elif mode == "activation":
+    elif method == "activation":
         ranker.all_reduce()
         selection, scores = ranker.select(), ranker.scores()
     else:
-        raise ValueError(f"selection {mode!r} must be one of {SELECTION_METHODS}")
+        raise ValueError(f"selection {method!r} must be one of {SELECTION_METHODS}")
     if dist.is_available() and dist.is_initialized():
         check_same_selection(selection, dist.get_world_size())
     return selection, scores
@@ -96,7 +97,7 @@ def end_stage(
 ) -> StageEnd:
     """The stage boundary, in place: check, re-select, fold in fp32, reset.
 
-    ``selection``: how the next units are chosen (:func:`select_units`; None keeps
+    ``selection``: how the next units are chosen (:func:`choose_selection`; None keeps
     the current units, the last stage). ``seed`` draws the random units and the fresh
     operators. With ``probe`` (a function giving the model's logits on a fixed batch)
     the result has the relative difference of those logits across the fold, which
@@ -107,7 +108,7 @@ def end_stage(
     name = first_nonfinite_parameter(model)
     if name is not None:
         raise NonFiniteParameterError(name)
-    next_units, scores = select_units(model, ranker, selection, seed) if selection else (None, {})
+    next_units, scores = choose_selection(model, ranker, selection, seed) if selection else (None, {})
     before = probe() if probe is not None else None
     ranks = merge_apex_(model, seed=seed, effective_ranks=effective_ranks)
     difference = relative_difference(before, probe()) if probe is not None else None
