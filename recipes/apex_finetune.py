@@ -51,6 +51,7 @@ from apex_tune.modules.model import materialize_apex_buffers_
 from apex_tune.training.assessment import assess
 from apex_tune.training.checkpointing import (
     CheckpointError,
+    Progress,
     base_state_with_history,
     check_fusion,
     find_resume_state,
@@ -454,36 +455,30 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             del plain
         del wrapped_sd
         fault_point(f"save_state:{label}")
+        progress = Progress(self.epochs_run, self.global_step, self.steps_in_epoch, self.stage)
         save_recipe_state(
             self._output_dir, label, model=self._model, optimizer=self._optimizer, dataloader=self._dataloader,
             ranker_state=ranker_state if self._is_rank_zero else None, selection=selection,
-            data_counts=self._data_counts, progress=self._progress(),
+            data_counts=self._data_counts, progress=progress, seed=self.seed, total_steps=self.total_steps,
             epoch_done=self.steps_in_epoch >= self._steps_per_epoch, rank=self.rank, world_size=self.world_size,
         )
         dist.barrier()
-
-    def _progress(self) -> Dict[str, int]:
-        return {
-            "seed": self.seed, "epochs_run": self.epochs_run, "global_step": self.global_step,
-            "steps_in_epoch": self.steps_in_epoch, "stage": self.stage, "total_steps": self.total_steps,
-        }
 
     def _build_model_in_run_dtype(self) -> nn.Module:
         with training.set_default_dtype(self._dtype):
             return config.instantiate(self._cfg.model)
 
     def _restore(self, resumed: Dict[str, Any]) -> None:
-        progress = restore_recipe_state(
+        restored = restore_recipe_state(
             resumed, self._output_dir, model=self._model, optimizer=self._optimizer, dataloader=self._dataloader,
             ranker=self._ranker, keep_ranker=self._is_rank_zero, seed=self.seed, total_steps=self.total_steps,
         )
-        self._data_counts.update(progress["data_counts"])
-        self.epochs_run, self.global_step = progress["epochs_run"], progress["global_step"]
-        self.steps_in_epoch, self.stage = progress["steps_in_epoch"], progress["stage"]
+        self._data_counts.update(restored.data_counts)
+        self.epochs_run, self.global_step, self.steps_in_epoch, self.stage = restored.progress
         if self._is_rank_zero:
             remove_unfinished_checkpoints(self._output_dir, self.global_step, self.total_steps)
         utils.log_rank_zero(
-            log, f"resumed from {progress['checkpoint']} at step {self.global_step}, stage {self.stage + 1}"
+            log, f"resumed from {restored.checkpoint} at step {self.global_step}, stage {self.stage + 1}"
         )
 
     def cleanup(self) -> None:

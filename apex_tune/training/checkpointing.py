@@ -7,7 +7,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import safetensors
 import safetensors.torch
@@ -327,6 +327,24 @@ def load_rank_state(output_dir: Path, manifest: Dict[str, Any], rank: int) -> Di
 
 
 # ------------------------------------------------------- the recipe's state
+class Progress(NamedTuple):
+    """Where a run is: epochs done, optimizer steps done (in all and in the current
+    epoch) and the index of the current stage."""
+
+    epochs_run: int
+    global_step: int
+    steps_in_epoch: int
+    stage: int
+
+
+class RestoredState(NamedTuple):
+    """What :func:`restore_recipe_state` gives back to the recipe."""
+
+    progress: Progress
+    checkpoint: str  # the label of the save resumed from
+    data_counts: Dict[str, int]
+
+
 def save_recipe_state(
     output_dir: Path,
     label: str,
@@ -337,14 +355,15 @@ def save_recipe_state(
     ranker_state: Optional[dict],
     selection: Sequence[LayerSelection],
     data_counts: Dict[str, int],
-    progress: Dict[str, int],
+    progress: Progress,
     epoch_done: bool,
+    seed: int,
+    total_steps: int,
     rank: int,
     world_size: int,
 ) -> None:
     """Every rank saves its own shards (no gather) and rank 0 makes the state current.
 
-    ``progress``: seed, epochs_run, global_step, steps_in_epoch, stage, total_steps.
     A save at an epoch's last step (``epoch_done``) resumes at the next epoch's start.
     The optimizer is saved as its local state dict, which reading never changes
     (torch's full-state helpers may take a step). ``ranker_state``: the scores summed
@@ -352,18 +371,18 @@ def save_recipe_state(
     """
     tensors = local_model_state(model)
     tensors["rng"] = torch.get_rng_state()
-    progress = dict(progress)
     if epoch_done:
-        progress.update(epochs_run=progress["epochs_run"] + 1, steps_in_epoch=0)
+        progress = progress._replace(epochs_run=progress.epochs_run + 1, steps_in_epoch=0)
     meta = {
-        "progress": {**progress, "world_size": world_size, "checkpoint": label},
+        "progress": {"seed": seed, **progress._asdict(), "total_steps": total_steps,
+                     "world_size": world_size, "checkpoint": label},
         "selection": [s.to_dict() for s in selection],
         "optimizer": local_optimizer_state(optimizer, tensors),
         "dataloader": None if epoch_done else encode(dataloader.state_dict(), tensors, "dataloader"),
         "ranker": None if ranker_state is None else encode(ranker_state, tensors, "ranker"),
         "data_counts": dict(data_counts),
     }
-    write_recipe_state(output_dir, label, rank, tensors, meta, world_size, progress["global_step"], dist.barrier)
+    write_recipe_state(output_dir, label, rank, tensors, meta, world_size, progress.global_step, dist.barrier)
 
 
 def find_resume_state(output_dir: Path, resume: bool, rank: int, world_size: int) -> Optional[Dict[str, Any]]:
@@ -402,11 +421,10 @@ def restore_recipe_state(
     keep_ranker: bool,
     seed: int,
     total_steps: int,
-) -> Dict[str, Any]:
+) -> RestoredState:
     """Restore what :func:`save_recipe_state` saved (the model's shards are loaded
-    before, :func:`load_local_model_state`). Returns the progress (epochs_run,
-    global_step, steps_in_epoch, stage, checkpoint) and the data counts. A state of
-    another run is a ConfigError; a damaged one a CheckpointError."""
+    before, :func:`load_local_model_state`). A state of another run (steps, seed) is a
+    ConfigError; a damaged one a CheckpointError."""
     meta, tensors, where = resumed["meta"], resumed["tensors"], resumed["where"]
     try:
         progress = meta["progress"]
@@ -423,8 +441,8 @@ def restore_recipe_state(
             dataloader.load_state_dict(decode(meta["dataloader"], tensors, where))
         ranker.load_state_dict(decode(meta["ranker"], tensors, where), keep=keep_ranker)
         torch.set_rng_state(tensors["rng"])
-        restored = {k: int(progress[k]) for k in ("epochs_run", "global_step", "steps_in_epoch", "stage")}
-        return {**restored, "checkpoint": progress["checkpoint"], "data_counts": dict(meta["data_counts"])}
+        restored = Progress(*(int(progress[k]) for k in Progress._fields))
+        return RestoredState(restored, str(progress["checkpoint"]), dict(meta["data_counts"]))
     except (ConfigError, CheckpointError):
         raise
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
