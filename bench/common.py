@@ -33,12 +33,12 @@ from apex_tune import (
     ApexSettings,
     apply_apex,
     fuse_apex,
-    random_selection,
     reset_apex_parameters,
     set_apex_trainable,
     set_selection,
 )
-from apex_tune.training.stages import end_stage
+from apex_tune.training.assessment import score_units
+from apex_tune.training.stages import choose_selection, end_stage
 from apex_tune.modules.effective_rank import effective_rank
 
 REPO = Path(__file__).resolve().parent.parent
@@ -398,10 +398,11 @@ def train(model: nn.Module, batches: Sequence[Batch], lr: float, weight_decay: f
 
 @dataclass
 class ApexRun:
-    """One APEX training run as recipes/apex_finetune.py runs it: assess before stage 1,
-    then per stage train, re-select from the stage's scores and end the stage with the
-    recipe's own boundary (apex_tune.training.stages.end_stage: fold, reset operators, ranker
-    and optimizer state); the LR schedule runs over all stages; fuse at the end."""
+    """One APEX training run as recipes/apex_finetune.py runs it, with the recipe's own
+    stage protocol: score units before stage 1 (apex_tune.training.assessment.score_units)
+    and select (stages.choose_selection); per stage train, then end the stage
+    (apex_tune.training.stages.end_stage: re-select, fold, reset operators, ranker and
+    optimizer state); the LR schedule runs over all stages; fuse at the end."""
 
     settings: ApexSettings
     stages: int = 2
@@ -419,26 +420,13 @@ class ApexRun:
         set_apex_trainable(model, self.settings)
         return model
 
-    def _select(self, model, ranker: ActivationRanker, stage: int):
-        if self.selection == "random":
-            return random_selection(model, torch.Generator().manual_seed(self.seed + stage))
-        return ranker.select()
-
-    @torch.no_grad()
-    def assess(self, model: nn.Module, ranker: ActivationRanker, batches: Sequence[Batch]) -> None:
-        model.eval()
-        for tokens, labels in batches:
-            ranker.begin_microbatch(labels != IGNORE)
-            model(tokens)
-        model.train()
-
     def train(self, model: nn.Module, batches: Sequence[Batch], lr: float, assess_batches: Sequence[Batch]) -> List[float]:
         """``model`` must already be wrapped (:meth:`wrap`); it comes back fused (plain)."""
         ranker = ActivationRanker(model, self.settings)
         if self.selection == "activation":
-            ranker.attach()
-            _, self.assess_seconds = timed(self.assess, model, ranker, assess_batches)
-        set_selection(model, self._select(model, ranker, 0))
+            inputs = [({"tokens": tokens}, labels != IGNORE) for tokens, labels in assess_batches]
+            _, self.assess_seconds = timed(score_units, model, ranker, inputs)
+        set_selection(model, choose_selection(model, ranker, self.selection, seed=self.seed)[0])
         ranker.reset()
         ends = ApexSchedule(num_stages=self.stages).stage_ends(len(batches))
         trainer = Trainer(model, lr, len(batches))
@@ -447,10 +435,9 @@ class ApexRun:
             ranker.begin_microbatch(labels != IGNORE)
             losses.append(trainer.step(tokens, labels))
             if step == ends[stage] and step < len(batches):
-                selection = self._select(model, ranker, stage + 1)
                 start = time.perf_counter()
                 ended = end_stage(  # as the recipe
-                    model, trainer.optimizer, ranker, selection, seed=self.seed + stage + 1, effective_ranks=True
+                    model, trainer.optimizer, ranker, self.selection, seed=self.seed + stage + 1, effective_ranks=True
                 )
                 self.stage_effective_ranks.append(ended.effective_ranks)
                 self.merge_seconds.append(time.perf_counter() - start)

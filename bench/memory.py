@@ -129,20 +129,20 @@ def build(method: str, dtype: torch.dtype, rank: int):
         set_trainable_params(model, get_adapter_params(model))
         return model, None, None
 
-    from apex_tune import ActivationRanker, apply_apex, random_selection, set_apex_trainable, set_selection
-    from apex_tune.training.stages import end_stage
+    from apex_tune import ActivationRanker, apply_apex, set_apex_trainable, set_selection
+    from apex_tune.training.stages import choose_selection, end_stage
 
     settings = _settings(method == "qapex")
     with set_default_dtype(dtype):
         model = llama3(**MODEL)
     apply_apex(model, settings)
     set_apex_trainable(model, settings)
-    set_selection(model, random_selection(model, torch.Generator().manual_seed(0)))
     ranker = ActivationRanker(model, settings).attach()  # attached all training, as in the recipe
+    set_selection(model, choose_selection(model, ranker, "random", seed=0)[0])
     mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
 
     def boundary(optimizer):  # the recipe's stage boundary
-        end_stage(model, optimizer, ranker, random_selection(model, torch.Generator().manual_seed(1)), seed=1)
+        end_stage(model, optimizer, ranker, "random", seed=1)
 
     return model, lambda: ranker.begin_microbatch(mask), boundary
 

@@ -16,110 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-from omegaconf import OmegaConf
-
-from apex_tune.cli.config_names import list_configs, resolve_config
-
-
-def _load_config(name: str, overrides: List[str]):
-    """A config with torchtune-style overrides: ``key=value`` sets, ``~key`` removes."""
-    cfg = OmegaConf.load(resolve_config(name))
-    for override in overrides:
-        if override.startswith("~"):
-            *parents, leaf = override[1:].split(".")
-            node = OmegaConf.select(cfg, ".".join(parents)) if parents else cfg
-            if node is None or leaf not in node:
-                raise ValueError(f"cannot remove {override[1:]!r}: no such key")
-            node.pop(leaf)
-        elif "=" in override:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
-        else:
-            raise ValueError(f"overrides look like key=value or ~key, got {override!r}")
-    return cfg
-
-
-def _meta_model(cfg, dtype_name: Optional[str] = None):
-    """The config's model on the meta device (no weights), wrapped and frozen as the recipe does."""
-    from torchtune import config, training
-
-    from apex_tune.modules.model import apply_apex, set_apex_trainable
-    from apex_tune.modules.config import ApexSchedule, parse_apex_config
-
-    from apex_tune.models.builders import builder_settings, uses_apex_model
-
-    model_cfg = cfg.model
-    if uses_apex_model(model_cfg):  # a torchtune recipe config
-
-        base, settings, _ = builder_settings(OmegaConf.to_container(model_cfg, resolve=True))
-        model_cfg = OmegaConf.create(base)
-        schedule = ApexSchedule(num_stages=1)  # torchtune's own recipes train one stage
-    else:
-        settings, schedule = parse_apex_config(cfg.get("apex"))
-    dtype = training.get_dtype(dtype_name or cfg.get("dtype", "fp32"), device=torch.device("cpu"))
-    with training.set_default_dtype(dtype), torch.device("meta"):
-        model = config.instantiate(model_cfg)
-    apply_apex(model, settings)
-    set_apex_trainable(model, settings)
-    return model, settings, schedule, dtype
-
-
-def parameter_report(cfg) -> dict:
-    """Build the config's model on the meta device (no weights), wrap it, count."""
-    from apex_tune.modules.model import trainable_parameter_report
-
-    model, settings, _, _ = _meta_model(cfg)
-    report = trainable_parameter_report(model)
-    report["settings"] = settings.to_dict()
-    return report
-
-
-def memory_plan_report(cfg, args) -> dict:
-    """The per-GPU memory plan for ``args.world_size`` GPUs (apex_tune/training/memory_plan.py)."""
-    from apex_tune.training.memory_plan import memory_plan
-
-    model, settings, schedule, dtype = _meta_model(cfg, args.dtype)
-    seq_len = args.seq_len or cfg.get("tokenizer", {}).get("max_seq_len")
-    if not seq_len:
-        raise ValueError("tokenizer.max_seq_len is not set: give --seq-len")
-    checkpointing = args.activation_checkpointing
-    if checkpointing is None:
-        checkpointing = bool(cfg.get("enable_activation_checkpointing", False))
-    return memory_plan(
-        model,
-        settings,
-        world_size=args.world_size,
-        dtype=dtype,
-        optimizer=cfg.optimizer._component_,
-        num_stages=schedule.num_stages,
-        batch_size=args.batch_size or cfg.batch_size,
-        seq_len=seq_len,
-        activation_checkpointing=checkpointing,
-        gpu_memory_gib=args.gpu_memory_gib,
-    )
-
-
-def _print_report(report: dict) -> None:
-    print(f"base parameters:      {report['base_params']:>16,}")
-    print(
-        f"trainable parameters: {report['trainable_params']:>16,}  "
-        f"({100 * report['trainable_fraction']:.3f}% of base)"
-    )
-    for kind, counts in report["by_kind"].items():
-        print(
-            f"  {kind:<11} trainable {counts['trainable']:>16,}  of {counts['total']:>16,}  "
-            f"{'/'.join(counts['dtypes']) or '-':<14} {counts['bytes'] / 2**30:>9.3f} GiB"
-        )
-    for name, value in report["per_layer"].items():
-        print(f"per layer {name}: {value:,}")
-    memory = report["memory"]
-    print(
-        f"memory: weights {memory['weights_bytes'] / 2**30:.3f} GiB; training adds "
-        f"{memory['gradient_and_adamw_bytes'] / 2**30:.3f} GiB (gradients and AdamW moments of the "
-        f"trainable parameters), of which fp32 trainable parameters cost "
-        f"{memory['fp32_trainable_extra_bytes'] / 2**30:.3f} GiB with their weights over the base dtype "
-        "(before FSDP sharding, without activations)"
-    )
+from apex_tune.cli.config_names import list_configs, load_config, resolve_config
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -166,15 +63,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"copied {args.name} to {dest}")
         elif args.command == "params" and args.world_size is not None:
             from apex_tune.training.memory_plan import format_plan
+            from apex_tune.training.reports import memory_plan_report
 
-            plan = memory_plan_report(_load_config(args.config, args.overrides), args)
+            plan = memory_plan_report(
+                load_config(args.config, args.overrides), args.world_size, dtype=args.dtype,
+                batch_size=args.batch_size, seq_len=args.seq_len,
+                activation_checkpointing=args.activation_checkpointing, gpu_memory_gib=args.gpu_memory_gib,
+            )
             print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
         elif args.command == "params":
-            report = parameter_report(_load_config(args.config, args.overrides))
-            if args.json:
-                print(json.dumps(report, indent=2))
-            else:
-                _print_report(report)
+            from apex_tune.training.reports import format_parameter_report, parameter_report
+
+            report = parameter_report(load_config(args.config, args.overrides))
+            print(json.dumps(report, indent=2) if args.json else format_parameter_report(report))
         elif args.command == "import-gguf":
             from apex_tune.cli.gguf_import import find_gguf, import_gguf
 
@@ -184,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "assess":
             from apex_tune.training.assessment import assess_config
 
-            path = assess_config(_load_config(args.config, args.overrides), args.output, args.samples)
+            path = assess_config(load_config(args.config, args.overrides), args.output, args.samples)
             print(f"wrote the APEX selection to {path}")
     except (ValueError, ImportError) as e:
         print(f"apex-tune: {e}", file=sys.stderr)

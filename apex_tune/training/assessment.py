@@ -1,13 +1,13 @@
 """The assessment pass: score units on training examples (no grad) and select P/N/E.
 
-Shared by the ``apex_finetune`` recipe (before stage 1) and ``apex-tune assess``
+Shared by the ``apex_finetune`` recipe (before stage 1), ``apex-tune assess``
 (which writes the selection file that :func:`apex_tune.models.apex_model`
-reads in torchtune's own recipes).
+reads in torchtune's own recipes) and the benchmarks (:func:`score_units`).
 """
 
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,14 +15,27 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 from torchtune import utils
 
-from apex_tune.training._faults import fault_point
 from apex_tune.modules.ranking import ActivationRanker
 from apex_tune.modules.selection import LayerSelection, write_selection_file
-from apex_tune.modules.config import ApexSettings
-
+from apex_tune.training.stages import choose_selection
+from apex_tune.training.testing import fault_point
 
 
 @torch.no_grad()
+def score_units(
+    model: nn.Module, ranker: ActivationRanker, batches: Iterable[Tuple[Dict[str, torch.Tensor], torch.Tensor]]
+) -> None:
+    """Add the scores of ``batches`` (model inputs, mask of the tokens that count) to
+    ``ranker``: forward passes in eval mode, no grad; the ranker is left attached."""
+    ranker.attach()
+    was_training = model.training
+    model.eval()
+    for inputs, mask in batches:
+        ranker.begin_microbatch(mask)
+        model(**inputs)
+    model.train(was_training)
+
+
 def assess(
     model: nn.Module,
     ranker: ActivationRanker,
@@ -47,19 +60,16 @@ def assess(
     subset = Subset(dataset, order[:count].tolist())
     sampler = DistributedSampler(subset, num_replicas=world_size, rank=rank, shuffle=False)
     loader = DataLoader(subset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
-    ranker.attach()
-    was_training = model.training
-    model.eval()
-    for i, batch in enumerate(tqdm(loader, desc="APEX assessment", disable=rank != 0, dynamic_ncols=True)):
-        fault_point(f"assess:{i}")
-        utils.batch_to_device(batch, device)
-        labels = batch.pop("labels")
-        ranker.begin_microbatch(token_mask(labels))
-        model(**batch)
-    model.train(was_training)
-    ranker.all_reduce()
-    selection = ranker.select()
-    scores = ranker.scores()
+
+    def batches():
+        for i, batch in enumerate(tqdm(loader, desc="APEX assessment", disable=rank != 0, dynamic_ncols=True)):
+            fault_point(f"assess:{i}")
+            utils.batch_to_device(batch, device)
+            labels = batch.pop("labels")
+            yield batch, token_mask(labels)
+
+    score_units(model, ranker, batches())
+    selection, scores = choose_selection(model, ranker, "activation", seed)
     ranker.reset()
     return selection, scores
 
@@ -78,14 +88,14 @@ def assess_config(cfg, output: Optional[Path] = None, num_samples: Optional[int]
     (settings from its arguments; by default the file goes to its ``selection_file``).
     Uses the config's checkpointer, tokenizer, dataset, batch_size, seed, device and dtype.
     """
-    from omegaconf import ListConfig, OmegaConf
+    from omegaconf import OmegaConf
     from torchtune import config, training
     from torchtune.config._utils import _get_component_from_path
-    from torchtune.datasets import ConcatDataset
 
     from apex_tune.models.builders import builder_settings, uses_apex_model
     from apex_tune.modules.model import apply_apex
     from apex_tune.modules.config import ApexSchedule, parse_apex_config
+    from apex_tune.training.run_options import build_dataset, build_tokenizer
 
     if uses_apex_model(cfg.model):
         base_cfg, settings, selection_file = builder_settings(OmegaConf.to_container(cfg.model, resolve=True))
@@ -106,10 +116,8 @@ def assess_config(cfg, output: Optional[Path] = None, num_samples: Optional[int]
         model = config.instantiate(base_cfg)
     model.load_state_dict(state)
     apply_apex(model, settings)
-    tokenizer = config.instantiate(cfg.tokenizer)
-    nodes = list(cfg.dataset) if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
-    datasets = [config.instantiate(node, tokenizer) for node in nodes]
-    dataset = ConcatDataset(datasets) if len(datasets) > 1 else datasets[0]
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    dataset = build_dataset(cfg.dataset, tokenizer)
     ignore_index = cfg.get("loss", {}).get("ignore_index", -100)
     collate = _get_component_from_path(cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))
     selection, scores = assess(

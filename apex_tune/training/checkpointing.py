@@ -5,19 +5,31 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import safetensors
 import safetensors.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torchtune import training, utils
 
-from apex_tune.training._faults import fault_point
+from apex_tune.training.testing import fault_point
 from apex_tune.training.inputs import InputError, safetensors_header
-from apex_tune.modules.model import apply_apex, fuse_apex, materialize_apex_buffers_, set_apex_trainable, set_selection
-from apex_tune.modules.nf4 import is_nf4
+from apex_tune.training.distributed import check_same_resume_point
+from apex_tune.training.run_options import ConfigError
+from apex_tune.modules.model import (
+    apply_apex,
+    fuse_apex,
+    materialize_apex_buffers_,
+    param_kind,
+    set_apex_trainable,
+    set_selection,
+)
+from apex_tune.modules.nf4 import HISTORY, is_nf4
 from apex_tune.modules.selection import LayerSelection
 from apex_tune.modules.config import ApexSettings
 
@@ -29,12 +41,17 @@ RECIPE_STATE_DIR = "apex_recipe_state"
 STATE_MANIFEST = "latest.json"
 LEGACY_STATE_FILE = "apex_recipe_state.pt"  # apex_tune <= 0.1 (a pickle): refused, never loaded
 STATE_FORMAT = 2
+# what rank_<r>.json holds, written by save_recipe_state and read by restore_recipe_state
+STATE_KEYS = ("progress", "selection", "optimizer", "dataloader", "ranker", "data_counts")
 # torchao's low-bit optimizer states (tensor subclasses), rebuilt from their parts
 LOW_BIT_STATES = {
     "torchao.optim.subclass_8bit.OptimState8bit",
     "torchao.optim.subclass_4bit.OptimState4bit",
     "torchao.optim.subclass_fp8.OptimStateFp8",
 }
+
+
+log = utils.get_logger("INFO")
 
 
 class CheckpointError(RuntimeError):
@@ -303,12 +320,136 @@ def load_rank_state(output_dir: Path, manifest: Dict[str, Any], rank: int) -> Di
             "the base model"
         ) from e
     meta = _read_json(meta_file, folder.parent)
-    missing = {"progress", "selection", "optimizer", "dataloader", "ranker", "data_counts"} - set(
-        meta if isinstance(meta, dict) else {}
-    )
+    missing = set(STATE_KEYS) - set(meta if isinstance(meta, dict) else {})
     if missing or "rng" not in tensors:
         raise CheckpointError(f"resume state {meta_file} is incomplete (missing {sorted(missing)})")
     return {"meta": meta, "tensors": tensors, "where": str(tensor_file)}
+
+
+# ------------------------------------------------------- the recipe's state
+class Progress(NamedTuple):
+    """Where a run is: epochs done, optimizer steps done (in all and in the current
+    epoch) and the index of the current stage."""
+
+    epochs_run: int
+    global_step: int
+    steps_in_epoch: int
+    stage: int
+
+
+class RestoredState(NamedTuple):
+    """What :func:`restore_recipe_state` gives back to the recipe."""
+
+    progress: Progress
+    checkpoint: str  # the label of the save resumed from
+    data_counts: Dict[str, int]
+
+
+def save_recipe_state(
+    output_dir: Path,
+    label: str,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataloader,
+    ranker_state: Optional[dict],
+    selection: Sequence[LayerSelection],
+    data_counts: Dict[str, int],
+    progress: Progress,
+    epoch_done: bool,
+    seed: int,
+    total_steps: int,
+    rank: int,
+    world_size: int,
+) -> None:
+    """Every rank saves its own shards (no gather) and rank 0 makes the state current.
+
+    A save at an epoch's last step (``epoch_done``) resumes at the next epoch's start.
+    The optimizer is saved as its local state dict, which reading never changes
+    (torch's full-state helpers may take a step). ``ranker_state``: the scores summed
+    over ranks, given by rank 0 only (the others restart from zero).
+    """
+    tensors = local_model_state(model)
+    tensors["rng"] = torch.get_rng_state()
+    if epoch_done:
+        progress = progress._replace(epochs_run=progress.epochs_run + 1, steps_in_epoch=0)
+    meta = {
+        "progress": {"seed": seed, **progress._asdict(), "total_steps": total_steps,
+                     "world_size": world_size, "checkpoint": label},
+        "selection": [s.to_dict() for s in selection],
+        "optimizer": local_optimizer_state(optimizer, tensors),
+        "dataloader": None if epoch_done else encode(dataloader.state_dict(), tensors, "dataloader"),
+        "ranker": None if ranker_state is None else encode(ranker_state, tensors, "ranker"),
+        "data_counts": dict(data_counts),
+    }
+    write_recipe_state(output_dir, label, rank, tensors, meta, world_size, progress.global_step, dist.barrier)
+
+
+def find_resume_state(output_dir: Path, resume: bool, rank: int, world_size: int) -> Optional[Dict[str, Any]]:
+    """This rank's part of the resume state in ``output_dir`` when ``resume`` is set and
+    one is there (:func:`load_rank_state`), else None. Every rank must find the same
+    state, saved with as many processes."""
+    manifest = read_state_manifest(output_dir) if resume else None
+    check_same_resume_point(None if manifest is None else manifest["global_step"], world_size, output_dir)
+    if resume and manifest is None:
+        utils.log_rank_zero(log, f"resume_from_checkpoint: no {RECIPE_STATE_DIR} in {output_dir}, starting fresh")
+        return None
+    if manifest is not None and manifest["world_size"] != world_size:
+        raise ConfigError(
+            f"the saved run used {manifest['world_size']} processes, this one {world_size}: "
+            "resume with the same --nproc_per_node"
+        )
+    return load_rank_state(output_dir, manifest, rank) if manifest else None
+
+def base_state_with_history(base_state: Dict[str, torch.Tensor], resumed: Optional[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+    """The base state plus, on resume, the saved frozen stages of a quantized base
+    (replicated): the model needs their count before the saved shards load."""
+    if not resumed:
+        return base_state
+    history = {k[len("model."):]: v for k, v in resumed["tensors"].items() if k.startswith("model.") and HISTORY in f".{k}"}
+    return {**base_state, **history}
+
+
+def restore_recipe_state(
+    resumed: Dict[str, Any],
+    output_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataloader,
+    ranker,
+    keep_ranker: bool,
+    seed: int,
+    total_steps: int,
+) -> RestoredState:
+    """Restore what :func:`save_recipe_state` saved (the model's shards are loaded
+    before, :func:`load_local_model_state`). A state of another run (steps, seed) is a
+    ConfigError; a damaged one a CheckpointError."""
+    meta, tensors, where = resumed["meta"], resumed["tensors"], resumed["where"]
+    try:
+        progress = meta["progress"]
+        if progress["total_steps"] != total_steps:
+            raise ConfigError(
+                f"the saved run has {progress['total_steps']} optimizer steps, this config gives "
+                f"{total_steps}: resume with the same data, batch and epoch settings"
+            )
+        if progress["seed"] != seed:
+            raise ConfigError(f"seed: the saved run used seed={progress['seed']}, this config seed={seed}")
+        set_selection(model, [LayerSelection.from_dict(d) for d in meta["selection"]])
+        load_local_optimizer_state(optimizer, meta["optimizer"], tensors, where)
+        if meta["dataloader"] is not None:  # None: saved at an epoch end
+            dataloader.load_state_dict(decode(meta["dataloader"], tensors, where))
+        ranker.load_state_dict(decode(meta["ranker"], tensors, where), keep=keep_ranker)
+        torch.set_rng_state(tensors["rng"])
+        restored = Progress(*(int(progress[k]) for k in Progress._fields))
+        return RestoredState(restored, str(progress["checkpoint"]), dict(meta["data_counts"]))
+    except (ConfigError, CheckpointError):
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(
+            f"resume state {where} does not fit this run ({type(e).__name__}: {e}); move "
+            f"{Path(output_dir) / RECIPE_STATE_DIR} away to start over from the base model"
+        ) from e
 
 
 def replace_dir(staged: Path, final: Path) -> None:
@@ -376,3 +517,72 @@ def fused_state_dict(
     if probe_tokens is not None:
         difference = relative_difference(wrapped_logits, model(probe_tokens.cpu()))
     return model.state_dict(), difference
+
+
+def plain_checkpoint_state(
+    wrapped_state_dict: Dict[str, torch.Tensor],
+    *,
+    fold: bool,
+    build_model: Callable[[], nn.Module],
+    settings: ApexSettings,
+    selection: List[LayerSelection],
+    probe_tokens: torch.Tensor,
+    dtype: torch.dtype,
+    tolerance: float,
+    label: str,
+) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+    """The plain model to save from a gathered wrapped state dict, in the run's dtype,
+    and why it must not be saved (None when it may).
+
+    ``fold``: fold a CPU copy (:func:`fused_state_dict`), which must reproduce the
+    wrapped model on the probe batch within ``tolerance``; otherwise the live model
+    was just folded and its base weights are the plain model.
+    """
+    failure = None
+    if fold:
+        plain, difference = fused_state_dict(build_model, settings, wrapped_state_dict, selection, probe_tokens)
+        log.info(f"checkpoint {label}: fused-vs-wrapped difference {difference:.2e} on the probe batch")
+        try:
+            check_fusion(difference, tolerance, f"checkpoint {label}")
+        except CheckpointError as e:
+            failure = str(e)
+    else:
+        plain = {k: v for k, v in wrapped_state_dict.items() if param_kind(k) in ("base", "embeddings")}
+    plain = {k: v.to(dtype) for k, v in plain.items()}  # trained embeddings are fp32
+    if failure is None and not all(torch.isfinite(v).all() for v in plain.values()):
+        failure = f"checkpoint {label}: the fused weights are not finite; nothing was saved"
+    return plain, failure
+
+
+@contextmanager
+def _without_checkpointer_messages():
+    """Drop the torchtune checkpointer's own log records (its logger is shared with everything in torchtune)."""
+    drop = lambda record: not record.pathname.endswith(os.path.join("checkpointing", "_checkpointer.py"))  # noqa: E731
+    logger = utils.get_logger()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def write_model_checkpoint(checkpointer, state_dict: Dict[str, torch.Tensor], output_dir: Path, label: str, step: int) -> Path:
+    """Save through the torchtune checkpointer (in its format; it writes ``epoch_<step>``),
+    then move the folder into place as ``output_dir/label``."""
+    staging = Path(output_dir) / f"epoch_{step}"
+    if staging.exists():  # left by a crash mid-write
+        shutil.rmtree(staging)
+    # The checkpointer names the staging folder in its messages; say where the files end up instead.
+    with _without_checkpointer_messages():
+        checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=step, intermediate_checkpoint=False)
+    final = Path(output_dir) / label
+    replace_dir(staging, final)
+    size = sum(p.stat().st_size for p in final.iterdir()) / 1024**3
+    log.info(f"model checkpoint {label} ({size:.2f} GiB, checkpointer format) saved to {final}")
+    return final
+
+
+def remove_unfinished_checkpoints(output_dir: Path, after_step: int, total_steps: int) -> None:
+    """The staging folders (``epoch_<step>``) of saves after ``after_step`` that a crash cut short."""
+    for step in range(after_step + 1, total_steps + 1):
+        shutil.rmtree(Path(output_dir) / f"epoch_{step}", ignore_errors=True)

@@ -24,7 +24,6 @@ quantizing a dequantized state again would not be exact).
 import contextlib
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torchtune import training
 
@@ -36,9 +35,12 @@ CUDA_ONLY_OPTIMIZERS = {
 }
 
 
-def check_memory_options(cfg: DictConfig, device: torch.device) -> None:
-    """Refuse, with what to change, a memory switch the run's device cannot use."""
-    if cfg.get("enable_activation_offloading", False):
+def check_memory_options(
+    device: torch.device, *, activation_offloading: bool, activation_checkpointing: bool, optimizer: str
+) -> None:
+    """Refuse, with what to change, a memory switch the run's device cannot use
+    (``optimizer``: the optimizer's ``_component_`` path)."""
+    if activation_offloading:
         if device.type != "cuda":
             raise ValueError(
                 f"enable_activation_offloading=True needs a CUDA GPU (device={device.type}): "
@@ -46,17 +48,16 @@ def check_memory_options(cfg: DictConfig, device: torch.device) -> None:
                 "streams. Set enable_activation_offloading=False (enable_activation_checkpointing "
                 "works on CPU)"
             )
-        if not cfg.get("enable_activation_checkpointing", False):
+        if not activation_checkpointing:
             raise ValueError(
                 "enable_activation_offloading=True needs enable_activation_checkpointing=True "
                 "(as in torchtune's recipes: it offloads the checkpointed layer inputs)"
             )
-    component = str((cfg.get("optimizer") or {}).get("_component_", ""))
     if device.type != "cuda":
         for prefix, why in CUDA_ONLY_OPTIMIZERS.items():
-            if component == prefix or (prefix.endswith(".") and component.startswith(prefix)):
+            if optimizer == prefix or (prefix.endswith(".") and optimizer.startswith(prefix)):
                 raise ValueError(
-                    f"optimizer._component_={component} needs a CUDA GPU (device={device.type}): "
+                    f"optimizer._component_={optimizer} needs a CUDA GPU (device={device.type}): "
                     f"{why}. On CPU use torch.optim.AdamW or one of {', '.join(LOW_BIT_OPTIMIZERS)}"
                 )
 

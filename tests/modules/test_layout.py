@@ -31,3 +31,13 @@ def test_components_import_no_training_support_or_tools():
 def test_every_module_lives_in_a_subpackage():
     top_level = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "_torchao_log.py"))
     assert not top_level, f"put these in modules/, models/, training/, dev/ or cli/: {top_level}"
+
+
+def test_training_support_imports_no_tools():
+    offending = [
+        f"{path.relative_to(PACKAGE.parent)} imports {name}"
+        for path in sorted((PACKAGE / "training").glob("*.py"))
+        for name in imported_modules(path)
+        if name.startswith(("apex_tune.dev", "apex_tune.cli"))
+    ]
+    assert not offending, "\n".join(offending)

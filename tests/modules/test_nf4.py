@@ -12,7 +12,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune.models.llama3 import llama3
 from torchtune.models.qwen2 import qwen2
@@ -296,24 +295,29 @@ def test_resume_state_rebuilds_the_same_nf4_codes_and_stages():
 
 
 # -------------------------------------------------------------- memory options
-def _cfg(**fields):
-    return OmegaConf.create({"optimizer": {"_component_": "torch.optim.AdamW"}, **fields})
+def _cfg(optimizer=None, enable_activation_offloading=False, enable_activation_checkpointing=False):
+    """check_memory_options' arguments from the config fields they come from."""
+    return dict(
+        optimizer=(optimizer or {"_component_": "torch.optim.AdamW"})["_component_"],
+        activation_offloading=enable_activation_offloading,
+        activation_checkpointing=enable_activation_checkpointing,
+    )
 
 
 def test_memory_options_refuse_clearly_on_cpu():
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="enable_activation_offloading=True needs a CUDA GPU"):
-        check_memory_options(_cfg(enable_activation_offloading=True, enable_activation_checkpointing=True), cpu)
+        check_memory_options(cpu, **_cfg(enable_activation_offloading=True, enable_activation_checkpointing=True))
     with pytest.raises(ValueError, match="CPUOffloadOptimizer needs a CUDA GPU"):
-        check_memory_options(_cfg(optimizer={"_component_": "torchao.optim.CPUOffloadOptimizer"}), cpu)
+        check_memory_options(cpu, **_cfg(optimizer={"_component_": "torchao.optim.CPUOffloadOptimizer"}))
     with pytest.raises(ValueError, match="bitsandbytes.optim.PagedAdamW8bit needs a CUDA GPU"):
-        check_memory_options(_cfg(optimizer={"_component_": "bitsandbytes.optim.PagedAdamW8bit"}), cpu)
+        check_memory_options(cpu, **_cfg(optimizer={"_component_": "bitsandbytes.optim.PagedAdamW8bit"}))
     with pytest.raises(ValueError, match="needs enable_activation_checkpointing=True"):
-        check_memory_options(_cfg(enable_activation_offloading=True), torch.device("cuda"))
+        check_memory_options(torch.device("cuda"), **_cfg(enable_activation_offloading=True))
     for ok in ("torchao.optim.AdamW8bit", "torchao.optim.AdamW4bit", "torch.optim.AdamW"):
-        check_memory_options(_cfg(optimizer={"_component_": ok}, enable_activation_checkpointing=True), cpu)
-    check_memory_options(_cfg(enable_activation_offloading=True, enable_activation_checkpointing=True),
-                         torch.device("cuda"))
+        check_memory_options(cpu, **_cfg(optimizer={"_component_": ok}, enable_activation_checkpointing=True))
+    check_memory_options(torch.device("cuda"),
+                         **_cfg(enable_activation_offloading=True, enable_activation_checkpointing=True))
 
 
 @pytest.fixture

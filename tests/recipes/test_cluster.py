@@ -22,9 +22,10 @@ import yaml
 from omegaconf import OmegaConf
 from torch.distributed.run import get_args_parser as torchrun_args_parser
 
-from apex_tune.cli import main as apex_cli
+from apex_tune.cli.config_names import load_config, resolve_config
 from apex_tune.training.checkpointing import RECIPE_STATE_DIR
-from apex_tune.cli.config_names import resolve_config
+from apex_tune.training.distributed import check_elastic_launch
+from apex_tune.training.reports import parameter_report
 from recipe_runs import CONFIG, TUNE, hf_weights, losses, tune_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -225,8 +226,8 @@ def _check_launch(container_command, nnodes, nproc, endpoint):
     for override in overrides:
         key = override.split("=", 1)[0]
         assert OmegaConf.select(shipped, key) is not None, f"{name} has no field {key}"
-    cfg = apex_cli._load_config(name, overrides)
-    assert apex_cli.parameter_report(cfg)["trainable_params"] > 0
+    cfg = load_config(name, overrides)
+    assert parameter_report(cfg)["trainable_params"] > 0
 
 
 def test_kubeflow_trainjob_manifest(monkeypatch):
@@ -273,13 +274,11 @@ def test_kubeflow_pytorchjob_manifest(monkeypatch):
     (True, "False", []),
 ])
 def test_elastic_launch_warnings(monkeypatch, caplog, resume, shared_store, expected):
-    import apex_finetune
-
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared_store)
     monkeypatch.setenv("RANK", "0")
     with caplog.at_level("WARNING"):
-        apex_finetune._check_elastic_launch(resume)
+        check_elastic_launch(resume)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == len(expected)
     assert all(fix in warning for fix, warning in zip(expected, warnings))

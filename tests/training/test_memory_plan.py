@@ -1,6 +1,5 @@
 """``apex-tune params --world-size N``: the per-GPU memory plan, on meta-device models."""
 
-import argparse
 import json
 import math
 
@@ -8,25 +7,23 @@ import pytest
 import torch
 
 from apex_tune.cli import main as apex_cli
+from apex_tune.cli.config_names import load_config
 from apex_tune.training.memory_plan import FP32, activation_bytes, memory_plan, parameter_copy_bytes
+from apex_tune.training.reports import memory_plan_report, meta_model
 
 GIB = 1024**3
 
 
 def plan_for(name, world_size, *overrides, dtype="bf16", **options):
-    cfg = apex_cli._load_config(name, list(overrides))
-    args = argparse.Namespace(world_size=world_size, dtype=dtype, batch_size=None, seq_len=None,
-                              activation_checkpointing=None, gpu_memory_gib=80.0)
-    for key, value in options.items():
-        setattr(args, key, value)
-    return apex_cli.memory_plan_report(cfg, args)
+    cfg = load_config(name, list(overrides))
+    return memory_plan_report(cfg, world_size, dtype=dtype, **options)
 
 
 @pytest.fixture(scope="module")
 def llama2_7b():
     """The reference config's wrapped model on the meta device, its bf16 base and counts."""
-    cfg = apex_cli._load_config("llama2/7B_apex", [])
-    model, settings, schedule, dtype = apex_cli._meta_model(cfg, "bf16")
+    cfg = load_config("llama2/7B_apex", [])
+    model, settings, schedule, dtype = meta_model(cfg, "bf16")
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
     return model, settings, trainable, frozen
@@ -56,8 +53,8 @@ def test_llama2_7b_sharding_is_exact(llama2_7b):
 def test_quantized_base_is_replicated_with_its_frozen_stages():
     two = plan_for("llama3_2/1B_qapex", 8)
     assert two["exact_bytes"]["frozen_base_replicated"] == plan_for("llama3_2/1B_qapex", 1)["exact_bytes"]["frozen_base_replicated"]
-    cfg = apex_cli._load_config("llama3_2/1B_qapex", [])
-    model, *_ = apex_cli._meta_model(cfg, "bf16")
+    cfg = load_config("llama3_2/1B_qapex", [])
+    model, *_ = meta_model(cfg, "bf16")
     nf4 = [p for p in model.parameters() if hasattr(p, "__tensor_flatten__")]
     elements = sum(p.numel() for p in nf4)
     # NF4: 4-bit codes, an 8-bit scaler per 64 values, an fp32 factor per 64 x 256 values
