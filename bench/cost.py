@@ -25,7 +25,10 @@ are off and channels carry it, K channels expanded, the delta on those 2K), ``ap
 attached during training, as in the recipe.
 
 Every round times each method once, in turn; a ratio is the median over rounds of the
-ratio within a round, so load from other jobs on the machine hits the methods alike.
+ratio within a round, so load from other jobs on the machine hits the methods alike. On
+CPU the clock is the process's CPU time (one intra-op thread: the work itself, not the
+time other jobs hold the cores); on CUDA, wall time after a synchronize. Every method
+back-propagates through every layer (see ``backward_through_every_layer``).
 
 Training memory (CPU): parameters + gradients + optimizer state + the tensors autograd
 saves for backward, counted by a ``saved_tensors_hooks`` pack hook (unique storages, those
@@ -95,6 +98,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def clock_for(device: torch.device) -> Callable[[], float]:
+    """CUDA: wall time (after a synchronize). CPU: this process's CPU time, which on one
+    intra-op thread is the work itself, without the time other jobs hold the cores."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
+CLOCK = time.process_time
+
+
 # ------------------------------------------------------------------ methods
 class TimedRanker(ActivationRanker):
     """The library's ranker, with the seconds spent inside its hooks added up (on CPU the
@@ -104,9 +116,9 @@ class TimedRanker(ActivationRanker):
 
     def _timed(self, hook):
         def timed(*args):
-            start = time.perf_counter()
+            start = CLOCK()
             out = hook(*args)
-            self.seconds += time.perf_counter() - start
+            self.seconds += CLOCK() - start
             return out
 
         return timed
@@ -222,12 +234,19 @@ class Method:
 
 
 def frozen_floor(model: nn.Module) -> nn.Module:
-    """The base with every weight frozen; the embedding output requires grad, so backward
-    still runs through every layer (input gradients) but computes no weight gradient."""
+    """The base with every weight frozen: backward computes input gradients only."""
     for p in model.parameters():
         p.requires_grad_(False)
-    model.tok_embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())
     return model
+
+
+def backward_through_every_layer(model: nn.Module) -> None:
+    """Make the embedding output require grad. Autograd stops below the lowest trainable
+    parameter; with 2 layers, a method with nothing trainable in layer 0's attention (APEX
+    with heads off) would skip a quarter of the model's backward, a saving that in a
+    16-layer model is 1/32. With this, every method back-propagates through every layer,
+    as it does in a deep model, at the cost of one (tokens x dim) gradient for all alike."""
+    model.tok_embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())
 
 
 def build_methods(dtype, device, batches, budgets: dict) -> Dict[str, Method]:
@@ -245,6 +264,7 @@ def build_methods(dtype, device, batches, budgets: dict) -> Dict[str, Method]:
         model, ranker = apex_model(state, settings, dtype, device, batches)
         methods[name] = Method(model, ranker)
     for method in methods.values():
+        backward_through_every_layer(method.model)
         method.model.train()
     return methods
 
@@ -300,18 +320,18 @@ def interleaved_step_times(methods: Dict[str, Method], tokens, labels, rounds: i
                 if method.ranker is not None:
                     method.ranker.seconds = 0.0
                 sync(device)
-                start = time.perf_counter()
+                start = CLOCK()
                 method.step(tokens, labels)
                 sync(device)
-                this_round.append(time.perf_counter() - start)
+                this_round.append(CLOCK() - start)
                 if method.ranker is not None:
                     hooks += method.ranker.seconds
             if method.ranker is not None:
                 sync(device)
-                start = time.perf_counter()
+                start = CLOCK()
                 method.assess(tokens)
                 sync(device)
-                assess[name].append(time.perf_counter() - start)
+                assess[name].append(CLOCK() - start)
                 hook_fraction[name].append(hooks / sum(this_round))
             times[name].append(statistics.median(this_round))
         log(f"  round {round_ + 1}/{rounds} done ({time.perf_counter() - T0:.0f} s)")
@@ -376,11 +396,11 @@ def layer_micro(dtype, device, rounds: int) -> dict:
     for round_ in range(rounds + 1):
         for name, (module, dims) in runs.items():
             sync(device)
-            start = time.perf_counter()
+            start = CLOCK()
             fwd_bwd(module, dims)
             sync(device)
             if round_:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(CLOCK() - start)
     out = {}
     for name, (module, dims) in runs.items():
         if name.startswith(("frozen", "lora_r8")):
@@ -416,10 +436,10 @@ def _interleaved(fns: Dict[str, Callable], repeats: int, device) -> Dict[str, Li
     for _ in range(repeats):
         for k, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = CLOCK()
             fn()
             sync(device)
-            times[k].append(time.perf_counter() - start)
+            times[k].append(CLOCK() - start)
     return times
 
 
@@ -455,10 +475,12 @@ def random_batches(count: int, device, seed: int = 0):
 
 
 def run_cost(full: bool, device: torch.device) -> dict:
+    global CLOCK
+    CLOCK = clock_for(device)
     threads = setup_torch() if device.type == "cpu" else None
     mode = "full" if full else "quick"
     rounds, steps = ROUNDS[mode]
-    results = dict(device=str(device), threads=threads, mode=mode, rounds=rounds, steps_per_round=steps,
+    results = dict(device=str(device), clock=CLOCK.__name__, threads=threads, mode=mode, rounds=rounds, steps_per_round=steps,
                    shapes=LLAMA_1B_SHAPES, batch=[BATCH, SEQ])
     if device.type == "cpu":
         log("cost: Monarch vs dense, glibc's default allocator")
@@ -523,7 +545,8 @@ def targets(results: dict) -> List[dict]:
             ("APEX at LoRA r8's budget: step / LoRA r8", m["apex_r8_budget"]["step_over"]["lora_r8"], 1.0),
             ("APEX at LoRA r8's budget: memory / LoRA r8", m["apex_r8_budget"]["memory_over"]["lora_r8"], 1.05),
             ("APEX operators only: step / frozen fwd+bwd", m["apex_ops"]["step_over"]["floor"], 1.05),
-            ("ranking hooks: fraction of step (APEX ~52%)", m["apex_52"]["hooks_fraction_of_step"], 0.01),
+            ("ranking hooks: fraction of step (worst APEX setting)",
+             max(v["hooks_fraction_of_step"] for v in m.values() if "hooks_fraction_of_step" in v), 0.01),
             ("assessment pass: fraction of a Tulu-v2 epoch (APEX ~52%)", m["apex_52"]["assessment_fraction_of_epoch"], 0.01),
         ]:
             out.append(dict(target=name, dtype=dname, value=value, limit=limit, met=value <= limit))
