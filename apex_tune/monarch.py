@@ -118,9 +118,8 @@ def monarch_apply(
         x = nn.functional.pad(x, (0, padded_n - n))
     h = x.reshape(-1, b, p)  # (rows, blocks, p): a view for contiguous x
     rows = h.shape[0]
-    # Every step is one bmm over the blocks or one copy that realises a permutation;
-    # each copy keeps a contiguous run of >= p elements (or is a per-row p x p
-    # transpose), the layouts CPU copy kernels and bmm read fast. No n x n matrix.
+    # Every step is one bmm over the blocks or one copy that realises a permutation
+    # (square blocks: two bmms and one copy). No n x n matrix.
     if transpose:
         # P: read each row's (b, p) grid column-major.
         h = h.transpose(1, 2).contiguous().view(rows, b, p)
@@ -134,7 +133,7 @@ def monarch_apply(
         # BD(L1) computed as (blocks, p, rows), that is a strided view bmm reads as is.
         h = torch.bmm(L1, h.permute(1, 2, 0))  # BD(L1): (block i, element k, rows)
         h = torch.bmm(h.permute(1, 2, 0), L2.transpose(1, 2))  # P, then BD(L2): (block j, rows, p)
-        out = h.transpose(0, 1).contiguous().transpose(1, 2)  # P^T
+        out = h.permute(1, 2, 0)  # P^T: element o of block j goes to o * b + j (the one copy)
     else:
         h = torch.bmm(h.transpose(0, 1), L1.transpose(1, 2))  # BD(L1): (blocks, rows, p)
         # P: each row's (b, p) grid read column-major, i.e. as (p, b), regrouped into b blocks.
