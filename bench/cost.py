@@ -1,6 +1,6 @@
 """What APEX costs next to the methods it competes with, at real shapes, in one run.
 
-    python -m bench.cost            # quick: about 8 minutes on a busy 2-core CPU
+    python -m bench.cost            # quick: about 9-10 minutes on a busy 2-core CPU (load 4-8)
     python -m bench.cost --full     # more timing rounds, bf16 layer micro-benchmarks, 4x Monarch rows
     python -m bench.cost --device cuda
 
