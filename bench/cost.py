@@ -1,332 +1,635 @@
-"""Cost of APEX against LoRA and full fine-tuning, measured in one run on the same model
-and batch: training step time, peak memory, the assessment hooks' overhead, fusion time
-per stage, and the Monarch multiply against a dense n x n matmul.
+"""What APEX costs next to the methods it competes with, at real shapes, in one run.
 
-    python -m bench.cost [--full]
+    python -m bench.cost            # quick: about 9-10 minutes on a busy 2-core CPU (load 4-8)
+    python -m bench.cost --full     # more timing rounds, bf16 layer micro-benchmarks, 4x Monarch rows
+    python -m bench.cost --device cuda
 
-Two models: ``bench`` (the quality benchmark's 1.3M-parameter base, where fixed
-per-op overheads dominate) and ``wide`` (embed 512, where the matmuls dominate, as in
-real models). Weights are random: timing does not depend on them. Every round times
-each method in turn; a ratio is the median over rounds of the ratio within a round,
-so load from other jobs on the machine hits the methods compared alike.
+The model has Llama-3.2-1B's layer shapes (dim 2048, FFN 8192, 32 query / 8 KV heads of
+64, RoPE base 500k, tied embeddings) but only ``LAYERS`` layers, so that every method fits
+this machine at once, and a 2,048-token vocabulary: the embedding and output head are not
+what the methods differ in (none of the methods below trains them except full
+fine-tuning), and a 128k vocabulary would make the step mostly the output head. Weights
+are torchtune's random init; timing does not depend on their values, and APEX's units are
+chosen by the library's own activation ranking over ``ASSESS_BATCHES`` batches, then
+``set_selection`` (scattered units, as in a real run).
+
+Methods, fp32 and bf16 (APEX's own parameters are fp32 in both, as the library stores them):
+``floor`` the frozen base's forward + backward (input gradients only: what any method
+that trains inside every layer must at least pay), ``full`` fine-tuning, torchtune
+LoRA r8 / r16 on every linear layer (``lora_llama3_2``, as users run it), LoRA at the
+rank whose trainable count matches ``apex_52``, DoRA r8, ``apex_ops`` (operators only,
+K = 18.75%), ``apex_r8_budget`` (APEX + delta at LoRA r8's trainable count: with 8 KV
+groups a delta on even one head unit is larger than LoRA r8's whole budget, so heads
+are off and channels carry it, K channels expanded, the delta on those 2K), ``apex_52``
+(the paper's ~52% setting: K = 18.75%, the delta on 50% of units). The rankers stay
+attached during training, as in the recipe.
+
+Every round times each method once, in turn; a ratio is the median over rounds of the
+ratio within a round, so load from other jobs on the machine hits the methods alike. On
+CPU the clock is the process's CPU time (one intra-op thread: the work itself, not the
+time other jobs hold the cores); on CUDA, wall time after a synchronize. Every method
+back-propagates through every layer (see ``backward_through_every_layer``).
+
+Training memory (CPU): parameters + gradients + optimizer state + the tensors autograd
+saves for backward, counted by a ``saved_tensors_hooks`` pack hook (unique storages, those
+of parameters excluded as already counted). It is the memory the step must hold at the
+end of the forward, not an allocator's high-water mark: transient buffers are not in it.
+On CUDA the allocator's peak during the step is reported as well.
+
+glibc returns freed blocks above 128 KiB to the OS, so on CPU every large temporary is
+page-faulted in again on its next use; GPU allocators cache blocks instead. The timing
+runs with ``mallopt`` raising glibc's trim and mmap thresholds (a cache, for every method
+alike); the Monarch comparison is reported with and without it.
 """
 
 import argparse
-import json
+import ctypes
+import os
 import statistics
-import subprocess
-import sys
 import time
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torchtune.models.llama3 import llama3
+from torch import nn
+from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
+from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params, set_trainable_params
+from torchtune.training import set_default_dtype
 
-from apex_tune import MonarchMatrix, merge_apex_
-from bench.common import (
-    MODEL,
-    RESULTS_DIR,
-    ActivationRanker,
-    ApexRun,
-    Trainer,
-    count_trainable,
-    log,
-    lora_model,
-    lora_params_per_rank,
-    setup_torch,
-    write_json,
+from apex_tune import ActivationRanker, ApexSettings, MonarchMatrix, apply_apex, random_selection, set_apex_trainable, set_selection
+from bench.common import count_trainable, log, setup_torch, token_loss, write_json
+
+LAYERS = 2
+LLAMA_1B_SHAPES = dict(
+    vocab_size=2048, num_layers=LAYERS, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192,
+    max_seq_len=2048, rope_base=500_000, scale_factor=32, tie_word_embeddings=True,
 )
-from bench.quality import APEX_DELTA, APEX_OPS, APEX_STAGES, DEFAULT
-
-COST_MODELS = {
-    "bench": dict(config=MODEL, batch=4, seq=256),
-    "wide": dict(config=dict(MODEL, embed_dim=512, intermediate_dim=1536), batch=2, seq=256),
-}
-# (rounds, steps per round) of the interleaved timing, per mode.
-ROUNDS = {"default": (8, 2), "full": (20, 3)}
+BATCH, SEQ = 2, 256
+ASSESS_BATCHES = 4
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "output_proj"]
+APEX_OPS = ApexSettings(ratio=0.1875)
+APEX_52 = ApexSettings(ratio=0.1875, delta=True, tuned_ratio_heads=0.5, tuned_ratio_channels=0.5)
+# (rounds, steps per method per round); every method takes one warm-up step first
+ROUNDS = {"quick": (3, 1), "full": (10, 2)}
+MICRO_ROUNDS = {"quick": 5, "full": 15}
 MONARCH_SIZES = (256, 512, 1024, 2048, 4096)
 MONARCH_ROWS = 1024
-# Stage length the fusion time is compared to: a stage of the default quality runs.
-STAGE_STEPS = DEFAULT.it_steps // APEX_STAGES
+# The reference run's proportions: 12,288 examples scored before stage 1, against one
+# epoch of the Tulu v2 SFT mixture (326,154 examples; the reference trains 2 epochs).
+ASSESS_EXAMPLES, TULU_V2_EXAMPLES, REFERENCE_EPOCHS = 12_288, 326_154, 2
+METHODS = ["floor", "full", "lora_r8", "lora_r16", "lora_matched", "dora_r8", "apex_ops", "apex_r8_budget", "apex_52"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+T0 = time.perf_counter()
 
 
-def fixed_batch(spec: dict, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, spec["config"]["vocab_size"], (spec["batch"], spec["seq"] + 1), generator=gen)
-    return tokens[:, :-1], tokens[:, 1:]
+def cache_freed_memory() -> bool:
+    """Keep freed heap blocks in the process (see the module docstring); False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20))
 
 
-def build(method: str, spec: dict, rank: int):
-    """(model, per-step hook) for a method; the hook runs before each forward."""
-    torch.manual_seed(0)
-    base = llama3(**spec["config"])
-    if method == "full":
-        return base, None
-    if method == "lora":
-        return lora_model(base.state_dict(), rank, dora=False, seed=0, config=spec["config"]), None
-    settings = APEX_OPS if method == "apex_ops" else APEX_DELTA
-    model = ApexRun(settings).wrap(base)
-    if method == "apex_delta_detached":
-        return model, None
-    ranker = ActivationRanker(model, settings).attach()  # attached all training, as in the recipe
-    mask = torch.ones(spec["batch"], spec["seq"], dtype=torch.bool)
-    return model, lambda: ranker.begin_microbatch(mask)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def matched_rank(spec: dict) -> int:
-    """The LoRA rank whose trainable parameter count is closest to APEX + delta's."""
-    budget = count_trainable(ApexRun(APEX_DELTA).wrap(llama3(**spec["config"])))
-    return max(1, round(budget / lora_params_per_rank(spec["config"])))
+def clock_for(device: torch.device) -> Callable[[], float]:
+    """CUDA: wall time (after a synchronize). CPU: this process's CPU time, which on one
+    intra-op thread is the work itself, without the time other jobs hold the cores."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
 
 
-def step_times(spec: dict, methods: List[str], rounds: int, steps: int):
-    """Seconds per training step of each method, as ``{method: [[round 1 steps], ...]}``,
-    with the models. Every round runs every method in turn (round 0 only warms up)."""
-    rank = matched_rank(spec)
-    tokens, labels = fixed_batch(spec)
-    runs = {}
-    for method in methods:
-        model, hook = build(method, spec, rank)
-        runs[method] = (model, hook, Trainer(model, 1e-4, 10**6))
-    times = {method: [] for method in methods}
-    for round_ in range(rounds + 1):
-        for method, (model, hook, trainer) in runs.items():
-            this_round = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                if hook:
-                    hook()
-                trainer.step(tokens, labels)
-                this_round.append(time.perf_counter() - start)
-            if round_:
-                times[method].append(this_round)
-    return times, {m: run[0] for m, run in runs.items()}, rank
+CLOCK = time.process_time
 
 
-def paired_ratio(times: Dict[str, list], a: str, b: str) -> float:
-    """Median over rounds of (a's median step / b's median step) within the round: methods
-    timed back to back share the machine's load at that moment."""
-    return statistics.median(statistics.median(x) / statistics.median(y) for x, y in zip(times[a], times[b]))
+# ------------------------------------------------------------------ methods
+class TimedRanker(ActivationRanker):
+    """The library's ranker, with the seconds spent inside its hooks added up (on CPU the
+    hooks run synchronously, so this is their whole cost; on CUDA it is launch time only)."""
+
+    seconds = 0.0
+
+    def _timed(self, hook):
+        def timed(*args):
+            start = CLOCK()
+            out = hook(*args)
+            self.seconds += CLOCK() - start
+            return out
+
+        return timed
+
+    def _head_hook(self, pos, layer):
+        return self._timed(super()._head_hook(pos, layer))
+
+    def _channel_hook(self, pos, layer):
+        return self._timed(super()._channel_hook(pos, layer))
 
 
-def fusion_seconds(model, repeats: int = 5) -> float:
-    """Median time of merge_apex_ (the stage-boundary fusion) on a wrapped model."""
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        merge_apex_(model, seed=i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def base_model(dtype, device, state=None) -> nn.Module:
+    with set_default_dtype(dtype), torch.device(device):
+        model = llama3_2(**LLAMA_1B_SHAPES)
+    if state is not None:
+        model.load_state_dict(state, assign=True)  # frozen base weights shared between the methods' models
+    return model
 
 
-def memory_probe(method: str, model_name: str) -> dict:
-    """Run in a child process: RSS before training, and peak RSS over 3 training steps.
-
-    The peak is the kernel's VmHWM (high-water mark of this address space), reset to
-    the current RSS just before training so that building the models does not count.
-    Not ``getrusage().ru_maxrss``: it cannot be reset, and Linux keeps it across fork
-    and exec, so a child would report the parent's peak whenever that is larger."""
-    setup_torch()
-    spec = COST_MODELS[model_name]
-    model, hook = build(method, spec, matched_rank(spec))
-    tokens, labels = fixed_batch(spec)
-    trainer = Trainer(model, 1e-4, 100)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _proc_status_mb("VmRSS")
-    for _ in range(3):
-        if hook:
-            hook()
-        trainer.step(tokens, labels)
-    return dict(rss_before_mb=before, peak_mb=_proc_status_mb("VmHWM"))
-
-
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def memory(model_name: str, methods: List[str]) -> Dict[str, dict]:
-    out = {}
-    for method in methods:
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.cost", "--memory-probe", method, model_name],
-            capture_output=True, text=True, check=True, cwd=RESULTS_DIR.parent.parent,
+def lora_model(state, rank: int, dora: bool, dtype, device) -> nn.Module:
+    with set_default_dtype(dtype), torch.device(device):
+        model = lora_llama3_2(
+            LORA_MODULES, apply_lora_to_mlp=True, lora_rank=rank, lora_alpha=2 * rank, use_dora=dora,
+            **LLAMA_1B_SHAPES,
         )
-        probe = json.loads(proc.stdout.strip().splitlines()[-1])
-        probe["training_mb"] = probe["peak_mb"] - probe["rss_before_mb"]
-        out[method] = probe
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and all("lora" in k or "magnitude" in k for k in missing), (missing, unexpected)
+    for module in model.modules():
+        if isinstance(module, DoRALinear):
+            module.initialize_dora_magnitude()
+    set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+def apex_model(state, settings: ApexSettings, dtype, device, batches) -> tuple:
+    """Wrapped model with its units chosen by activation ranking; the ranker stays attached."""
+    model = base_model(dtype, device, state)
+    apply_apex(model, settings)
+    set_apex_trainable(model, settings)
+    ranker = TimedRanker(model, settings).attach()
+    with torch.no_grad():
+        for tokens, _ in batches:
+            ranker.begin_microbatch(None)
+            model(tokens)
+    set_selection(model, ranker.select())
+    ranker.reset()
+    return model, ranker
+
+
+def budget_settings(lora_r8_trainable: int) -> ApexSettings:
+    """APEX + delta with the trainable count closest to LoRA r8's: heads off, K channels
+    expanded and the delta on those 2K (N and P)."""
+    def settings(k):
+        units = LLAMA_1B_SHAPES["intermediate_dim"]
+        return ApexSettings(ratio_heads=0, ratio_channels=k / units, delta=True, tuned_ratio_channels=2 * k / units)
+
+    # trainable(k) is close to linear in k (a delta row of w1, w3 and a column of w2 per unit,
+    # plus operators): estimate from two points, then check the neighbours
+    t1, t9 = trainable_on_meta(settings(1)), trainable_on_meta(settings(9))
+    guess = max(1, round(1 + (lora_r8_trainable - t1) * 8 / (t9 - t1)))
+    best = min(range(max(1, guess - 2), guess + 3), key=lambda k: abs(trainable_on_meta(settings(k)) - lora_r8_trainable))
+    return settings(best)
+
+
+_META_COUNTS: Dict[ApexSettings, int] = {}
+
+
+def trainable_on_meta(settings: ApexSettings) -> int:
+    if settings not in _META_COUNTS:
+        with torch.device("meta"):
+            model = llama3_2(**LLAMA_1B_SHAPES)
+        apply_apex(model, settings)
+        set_apex_trainable(model, settings)
+        _META_COUNTS[settings] = count_trainable(model)
+    return _META_COUNTS[settings]
+
+
+def lora_trainable_per_rank() -> int:
+    with torch.device("meta"):
+        model = lora_llama3_2(LORA_MODULES, apply_lora_to_mlp=True, lora_rank=1, lora_alpha=2, **LLAMA_1B_SHAPES)
+    return sum(p.numel() for p in get_adapter_params(model).values())
+
+
+@dataclass
+class Method:
+    model: nn.Module
+    ranker: Optional[TimedRanker] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+
+    def __post_init__(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if params:
+            self.optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
+            self.params = params
+
+    def step(self, tokens, labels) -> None:
+        """One training step as the recipe takes it (clip, AdamW)."""
+        if self.ranker is not None:
+            self.ranker.begin_microbatch(None)
+        token_loss(self.model, tokens, labels).backward()
+        if self.optimizer is not None:
+            nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def assess(self, tokens) -> None:
+        """One batch of the assessment pass: a no-grad forward with the hooks recording."""
+        self.model.eval()
+        self.ranker.begin_microbatch(None)
+        self.model(tokens)
+        self.model.train()
+
+
+def frozen_floor(model: nn.Module) -> nn.Module:
+    """The base with every weight frozen: backward computes input gradients only."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def backward_through_every_layer(model: nn.Module) -> None:
+    """Make the embedding output require grad. Autograd stops below the lowest trainable
+    parameter; with 2 layers, a method with nothing trainable in layer 0's attention (APEX
+    with heads off) would skip about 8% of the model's backward, a saving that in a
+    16-layer model is about 1%. With this, every method back-propagates through every
+    layer, as it does in a deep model, at the cost of one (tokens x dim) gradient for all."""
+    model.tok_embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())
+
+
+def build_methods(dtype, device, batches, budgets: dict) -> Dict[str, Method]:
+    torch.manual_seed(0)
+    base = base_model(dtype, device)
+    state = {k: v.detach() for k, v in base.state_dict().items()}
+    methods = {"floor": Method(frozen_floor(base_model(dtype, device, state)))}
+    full = base_model(dtype, device)
+    full.load_state_dict(state)  # a copy: full fine-tuning updates the base weights
+    methods["full"] = Method(full)
+    for name, rank, dora in [("lora_r8", 8, False), ("lora_r16", 16, False),
+                             ("lora_matched", budgets["lora_matched_rank"], False), ("dora_r8", 8, True)]:
+        methods[name] = Method(lora_model(state, rank, dora, dtype, device))
+    for name, settings in [("apex_ops", APEX_OPS), ("apex_r8_budget", budgets["apex_r8_budget"]), ("apex_52", APEX_52)]:
+        model, ranker = apex_model(state, settings, dtype, device, batches)
+        methods[name] = Method(model, ranker)
+    for method in methods.values():
+        backward_through_every_layer(method.model)
+        method.model.train()
+    return methods
+
+
+# ------------------------------------------------------------------ measures
+def training_memory(method: Method, tokens, labels, device) -> dict:
+    """Bytes the step holds at the end of the forward (see the module docstring)."""
+    param_storages = {}
+    for p in method.model.parameters():
+        param_storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    trainable = [p for p in method.model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = 0
+    if method.optimizer is not None:
+        for state in method.optimizer.state.values():
+            optimizer += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim())
+    saved: Dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    if method.ranker is not None:
+        method.ranker.begin_microbatch(None)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = token_loss(method.model, tokens, labels)
+    loss.backward()
+    out = dict(params=sum(param_storages.values()), grads=grads, optimizer=optimizer, saved=sum(saved.values()))
+    if device.type == "cuda":
+        sync(device)
+        out["cuda_step_peak_above_resident"] = torch.cuda.max_memory_allocated() - before
+    for p in trainable:
+        p.grad = None
+    out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["saved"]
     return out
 
 
-def _median_time(fn: Callable, min_seconds: float = 0.2) -> float:
-    fn()
-    times, total = [], 0.0
-    while total < min_seconds or len(times) < 3:
-        start = time.perf_counter()
+def interleaved_step_times(methods: Dict[str, Method], tokens, labels, rounds: int, steps: int, device):
+    """{name: [per-round median seconds]}, plus hook seconds and assessment seconds per round."""
+    times = {name: [] for name in methods}
+    hook_fraction = {name: [] for name, m in methods.items() if m.ranker is not None}
+    assess = {name: [] for name in hook_fraction}
+    for round_ in range(rounds):
+        for name, method in methods.items():
+            this_round, hooks = [], 0.0
+            for _ in range(steps):
+                if method.ranker is not None:
+                    method.ranker.seconds = 0.0
+                sync(device)
+                start = CLOCK()
+                method.step(tokens, labels)
+                sync(device)
+                this_round.append(CLOCK() - start)
+                if method.ranker is not None:
+                    hooks += method.ranker.seconds
+            if method.ranker is not None:
+                sync(device)
+                start = CLOCK()
+                method.assess(tokens)
+                sync(device)
+                assess[name].append(CLOCK() - start)
+                hook_fraction[name].append(hooks / sum(this_round))
+            times[name].append(statistics.median(this_round))
+        log(f"  round {round_ + 1}/{rounds} done ({time.perf_counter() - T0:.0f} s)")
+    return times, hook_fraction, assess
+
+
+def paired(times: Dict[str, list], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+# ------------------------------------------------------------------ layers
+def layer_micro(dtype, device, rounds: int) -> dict:
+    """Forward + backward (input gradient and the method's own weight gradients) of each
+    APEX wrapper kind of a Llama-1B-shaped layer, against a frozen linear and a torchtune
+    LoRALinear r8 of the same shape, on BATCH x SEQ tokens. Units: a random selection of
+    the settings' sizes (scattered, as a real selection is)."""
+    tokens = BATCH * SEQ
+    cases = {}
+    for label, settings in [("ops", APEX_OPS), ("delta", APEX_52)]:
+        torch.manual_seed(0)
+        with set_default_dtype(dtype), torch.device(device):
+            model = llama3_2(**dict(LLAMA_1B_SHAPES, num_layers=1))
+        apply_apex(model, settings)
+        set_apex_trainable(model, settings)
+        set_selection(model, random_selection(model, torch.Generator().manual_seed(0)))
+        layer = model.layers[0]
+        wrappers = {"column": [("v_proj", layer.attn.v_proj), ("w1", layer.mlp.w1)],
+                    "row": [("output_proj", layer.attn.output_proj), ("w2", layer.mlp.w2)]}
+        if settings.delta:
+            wrappers["column"].insert(0, ("q_proj", layer.attn.q_proj))
+        for kind, named in wrappers.items():
+            for proj, module in named:
+                cases[f"{kind} {label} {proj}"] = module
+    baselines = {}
+    for in_dim, out_dim in {_dims(m) for m in cases.values()}:
+        with set_default_dtype(dtype), torch.device(device):
+            frozen = nn.Linear(in_dim, out_dim, bias=False).requires_grad_(False)
+            lora = LoRALinear(in_dim, out_dim, rank=8, alpha=16)
+        lora.weight.requires_grad_(False)
+        baselines[(in_dim, out_dim)] = dict(frozen=frozen, lora_r8=lora)
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = {}
+    for dims in baselines:
+        x = torch.randn(tokens, dims[0], generator=gen, device=device, dtype=dtype).requires_grad_()
+        g = torch.randn(tokens, dims[1], generator=gen, device=device, dtype=dtype)
+        inputs[dims] = (x, g)
+
+    def fwd_bwd(module, dims):
+        x, g = inputs[dims]
+        module(x).backward(g)
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+
+    runs = {}
+    for name, module in cases.items():
+        runs[name] = (module, _dims(module))
+    for dims, base in baselines.items():
+        for bname, module in base.items():
+            runs[f"{bname} {dims[0]}x{dims[1]}"] = (module, dims)
+    times = {name: [] for name in runs}
+    for round_ in range(rounds + 1):
+        for name, (module, dims) in runs.items():
+            sync(device)
+            start = CLOCK()
+            fwd_bwd(module, dims)
+            sync(device)
+            if round_:
+                times[name].append(CLOCK() - start)
+    out = {}
+    for name, (module, dims) in runs.items():
+        if name.startswith(("frozen", "lora_r8")):
+            continue
+        ref = f"{dims[0]}x{dims[1]}"
+        out[name] = dict(
+            shape=ref, seconds=statistics.median(times[name]),
+            over_frozen=statistics.median(a / b for a, b in zip(times[name], times[f"frozen {ref}"])),
+            over_lora_r8=statistics.median(a / b for a, b in zip(times[name], times[f"lora_r8 {ref}"])),
+        )
+    for dims in baselines:
+        ref = f"{dims[0]}x{dims[1]}"
+        out[f"lora_r8 {ref}"] = dict(
+            shape=ref, seconds=statistics.median(times[f"lora_r8 {ref}"]),
+            over_frozen=statistics.median(a / b for a, b in zip(times[f"lora_r8 {ref}"], times[f"frozen {ref}"])),
+        )
+    return out
+
+
+def _dims(module) -> tuple:
+    """(in, out) of an APEX wrapper, whatever its internals: from the base linear's weight."""
+    weights = [p for n, p in module.named_parameters() if n.endswith("weight") and p.dim() == 2]
+    weights += [b for n, b in module.named_buffers() if n.endswith("weight") and b.dim() == 2]
+    out_dim, in_dim = max(weights, key=lambda w: w.numel()).shape
+    return in_dim, out_dim
+
+
+# ------------------------------------------------------------------ Monarch
+def _interleaved(fns: Dict[str, Callable], repeats: int, device) -> Dict[str, List[float]]:
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-        total += times[-1]
-    return statistics.median(times)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            start = CLOCK()
+            fn()
+            sync(device)
+            times[k].append(CLOCK() - start)
+    return times
 
 
 @torch.no_grad()
-def monarch_vs_dense(rows: int) -> List[dict]:
-    """MonarchMatrix forward vs a dense n x n matmul (F.linear) on the same (rows, n) input."""
+def monarch_vs_dense(rows: int, device) -> List[dict]:
+    """MonarchMatrix forward vs a dense n x n matmul (F.linear) on the same (rows, n) input,
+    timed alternately; the ratio is the median of the per-pair ratios."""
     out = []
     for n in MONARCH_SIZES:
-        x = torch.randn(rows, n)
-        monarch = MonarchMatrix(n)
+        x = torch.randn(rows, n, device=device)
+        monarch = MonarchMatrix(n, device=device)
         torch.nn.init.normal_(monarch.L2)  # timing only; zero or not costs the same
-        dense = torch.randn(n, n)
-        t_m = _median_time(lambda: monarch(x))
-        t_d = _median_time(lambda: F.linear(x, dense))
-        out.append(
-            dict(
-                n=n, nblocks=monarch.nblocks, block_size=monarch.block_size, rows=rows,
-                monarch_s=t_m, dense_s=t_d, speedup=t_d / t_m,
-                flop_ratio=n / (2 * monarch.block_size),  # dense n^2 vs Monarch 2 n p per row
-            )
-        )
+        dense = torch.randn(n, n, device=device)
+        repeats = max(5, min(30, int(2e9 / (rows * n * n))))
+        t = _interleaved(dict(monarch=lambda: monarch(x), dense=lambda: F.linear(x, dense)), repeats, device)
+        out.append(dict(
+            n=n, nblocks=monarch.nblocks, block_size=monarch.block_size, rows=rows,
+            monarch_s=statistics.median(t["monarch"]), dense_s=statistics.median(t["dense"]),
+            speedup=statistics.median(d / m for d, m in zip(t["dense"], t["monarch"])),
+            flop_ratio=n / (2 * monarch.block_size),
+        ))
     return out
 
 
-def run_cost(full: bool = False) -> dict:
-    threads = setup_torch()
-    rounds, steps = ROUNDS["full" if full else "default"]
-    methods = ["full", "lora", "apex_delta", "apex_delta_detached", "apex_ops"]
-    results = dict(threads=threads, rounds=rounds, steps_per_round=steps, stage_steps=STAGE_STEPS, models={})
-    for name, spec in COST_MODELS.items():
-        log(f"cost: step times on the {name} model (batch {spec['batch']}x{spec['seq']})")
-        times, models, rank = step_times(spec, methods, rounds, steps)
-        step = {}
-        for method in methods:
-            flat = [t for round_ in times[method] for t in round_]
-            q1, _, q3 = statistics.quantiles(flat, n=4)
-            step[method] = dict(
-                median_s=statistics.median(flat), q1_s=q1, q3_s=q3, trainable=count_trainable(models[method])
+# ------------------------------------------------------------------ run
+def random_batches(count: int, device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        t = torch.randint(3, LLAMA_1B_SHAPES["vocab_size"], (BATCH, SEQ + 1), generator=gen).to(device)
+        out.append((t[:, :-1], t[:, 1:]))
+    return out
+
+
+def run_cost(full: bool, device: torch.device) -> dict:
+    global CLOCK
+    CLOCK = clock_for(device)
+    threads = setup_torch() if device.type == "cpu" else None
+    mode = "full" if full else "quick"
+    rounds, steps = ROUNDS[mode]
+    results = dict(device=str(device), clock=CLOCK.__name__, threads=threads, mode=mode, rounds=rounds, steps_per_round=steps,
+                   shapes=LLAMA_1B_SHAPES, batch=[BATCH, SEQ])
+    if device.type == "cpu":
+        log("cost: Monarch vs dense, glibc's default allocator")
+        results["monarch_default_malloc"] = monarch_vs_dense(MONARCH_ROWS * (4 if full else 1), device)
+        results["freed_memory_cached"] = cache_freed_memory()
+    log("cost: Monarch vs dense")
+    results["monarch"] = monarch_vs_dense(MONARCH_ROWS * (4 if full else 1), device)
+
+    lora_per_rank = lora_trainable_per_rank()
+    budgets = dict(lora_matched_rank=max(1, round(trainable_on_meta(APEX_52) / lora_per_rank)),
+                   apex_r8_budget=budget_settings(8 * lora_per_rank))
+    results["settings"] = dict(apex_ops=APEX_OPS.to_dict(), apex_r8_budget=budgets["apex_r8_budget"].to_dict(),
+                               apex_52=APEX_52.to_dict(), lora_matched_rank=budgets["lora_matched_rank"])
+    assess_batches = random_batches(ASSESS_BATCHES, device, seed=1)
+    tokens, labels = random_batches(1, device)[0]
+    results["models"] = {}
+    for dname, dtype in DTYPES.items():
+        log(f"cost: {dname}: building {len(METHODS)} methods (APEX units from activation ranking)")
+        methods = build_methods(dtype, device, assess_batches, budgets)
+        total = sum(p.numel() for p in methods["full"].model.parameters())
+        log(f"cost: {dname}: one warm-up step per method (it also creates the optimizer state), then training memory")
+        for m in methods.values():
+            m.step(tokens, labels)
+        memory = {name: training_memory(m, tokens, labels, device) for name, m in methods.items()}
+        log(f"cost: {dname}: step times, {rounds} rounds of {steps} step(s) per method")
+        times, hooks, assess = interleaved_step_times(methods, tokens, labels, rounds, steps, device)
+        entry = dict(params=total, methods={})
+        for name, m in methods.items():
+            entry["methods"][name] = dict(
+                trainable=count_trainable(m.model), trainable_pct=100 * count_trainable(m.model) / total,
+                step_s=statistics.median(times[name]), memory=memory[name],
+                step_over={ref: paired(times, name, ref) for ref in ("floor", "full", "lora_r8")},
+                memory_over={ref: memory[name]["total"] / memory[ref]["total"] for ref in ("floor", "full", "lora_r8")},
             )
-        fuse = fusion_seconds(models["apex_delta"])
-        entry = dict(
-            config=spec["config"],
-            batch=[spec["batch"], spec["seq"]],
-            params=sum(p.numel() for p in models["full"].parameters()),
-            lora_rank=rank,
-            step=step,
-            apex_over_lora=paired_ratio(times, "apex_delta", "lora"),
-            apex_over_full=paired_ratio(times, "apex_delta", "full"),
-            lora_over_full=paired_ratio(times, "lora", "full"),
-            assessment_overhead=paired_ratio(times, "apex_delta", "apex_delta_detached") - 1,
-            fusion_s=fuse,
-            fusion_fraction_of_stage=fuse / (STAGE_STEPS * step["apex_delta"]["median_s"]),
-        )
-        if name == "wide":
-            log("cost: peak memory (one child process per method)")
-            entry["memory"] = memory(name, ["full", "lora", "apex_delta"])
-            mem = {m: v["training_mb"] for m, v in entry["memory"].items()}
-            peak = {m: v["peak_mb"] for m, v in entry["memory"].items()}
-            entry.update(
-                memory_apex_over_lora=mem["apex_delta"] / mem["lora"],
-                memory_apex_over_full=mem["apex_delta"] / mem["full"],
-                peak_apex_over_lora=peak["apex_delta"] / peak["lora"],
-                peak_apex_over_full=peak["apex_delta"] / peak["full"],
-            )
-        results["models"][name] = entry
-        del models
-    log("cost: Monarch multiply vs dense matmul")
-    results["monarch"] = monarch_vs_dense(MONARCH_ROWS * (4 if full else 1))
+            if name in hooks:
+                ratio = statistics.median(a / t for a, t in zip(assess[name], times[name]))
+                entry["methods"][name].update(
+                    hooks_fraction_of_step=statistics.median(hooks[name]),
+                    assess_batch_over_step=ratio,
+                    assessment_fraction_of_epoch=ratio * ASSESS_EXAMPLES / TULU_V2_EXAMPLES,
+                    assessment_fraction_of_reference_run=ratio * ASSESS_EXAMPLES / (REFERENCE_EPOCHS * TULU_V2_EXAMPLES),
+                )
+        results["models"][dname] = entry
+        del methods
+    log("cost: per-layer micro-benchmarks")
+    results["layers"] = {d: layer_micro(DTYPES[d], device, MICRO_ROUNDS[mode]) for d in (["fp32", "bf16"] if full else ["fp32"])}
     results["targets"] = targets(results)
-    write_json("cost.json", results)
-    results["plots"] = [plot(results)]
+    results["wall_s"] = time.perf_counter() - T0
+    results["load_average_1min_at_end"] = os.getloadavg()[0]
+    write_json("cost.json" if device.type == "cpu" else f"cost_{device.type}.json", results)
     return results
 
 
-def targets(results: dict) -> Dict[str, dict]:
-    """The issue's targets, judged on the wide model (matmul-bound, like real models)."""
-    wide = results["models"]["wide"]
-    from_1024 = [m for m in results["monarch"] if m["n"] >= 1024]
-    return {
-        "apex_step_within_1.10x_lora": dict(value=wide["apex_over_lora"], met=wide["apex_over_lora"] <= 1.10),
-        "assessment_overhead_under_2pct": dict(
-            value=wide["assessment_overhead"], met=wide["assessment_overhead"] < 0.02
-        ),
-        "fusion_under_1pct_of_stage": dict(
-            value=wide["fusion_fraction_of_stage"], met=wide["fusion_fraction_of_stage"] < 0.01
-        ),
-        "monarch_faster_than_dense_from_1024": dict(
-            value=min(m["speedup"] for m in from_1024), met=all(m["speedup"] > 1 for m in from_1024)
-        ),
-    }
-
-
-def plot(results: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(results["models"])
-    methods = ["full", "lora", "apex_delta", "apex_delta_detached", "apex_ops"]
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        step = results["models"][name]["step"]
-        rel = [step[m]["median_s"] / step["lora"]["median_s"] for m in methods]
-        axes[0].bar([j + i * width for j in range(len(methods))], rel, width, label=f"{name} model")
-    axes[0].axhline(1.10, color="tab:red", ls="--", lw=1, label="1.10x LoRA")
-    axes[0].set_xticks([j + width / 2 for j in range(len(methods))], methods, rotation=20, fontsize=8)
-    axes[0].set_ylabel("median step time / LoRA's")
-    axes[0].set_title("training step time (median, interleaved)", fontsize=9)
-    axes[0].legend(fontsize=7)
-    mon = results["monarch"]
-    axes[1].loglog([m["n"] for m in mon], [m["dense_s"] * 1e3 for m in mon], "o-", label="dense n x n matmul")
-    axes[1].loglog([m["n"] for m in mon], [m["monarch_s"] * 1e3 for m in mon], "o-", label="Monarch forward")
-    axes[1].set_xticks([m["n"] for m in mon], [str(m["n"]) for m in mon])
-    axes[1].minorticks_off()
-    axes[1].set_xlabel("n")
-    axes[1].set_ylabel(f"ms for {mon[0]['rows']} rows")
-    axes[1].set_title("Monarch vs dense multiply", fontsize=9)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path = RESULTS_DIR / "cost.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+def targets(results: dict) -> List[dict]:
+    """The issue's targets, each on every dtype measured."""
+    out = []
+    for dname, entry in results["models"].items():
+        m = entry["methods"]
+        for name, value, limit in [
+            ("APEX ~52%: step / full FT", m["apex_52"]["step_over"]["full"], 0.85),
+            ("APEX ~52%: memory / full FT", m["apex_52"]["memory_over"]["full"], 1.0),
+            ("APEX at LoRA r8's budget: step / LoRA r8", m["apex_r8_budget"]["step_over"]["lora_r8"], 1.0),
+            ("APEX at LoRA r8's budget: memory / LoRA r8", m["apex_r8_budget"]["memory_over"]["lora_r8"], 1.05),
+            ("APEX operators only: step / frozen fwd+bwd", m["apex_ops"]["step_over"]["floor"], 1.05),
+            ("ranking hooks: fraction of step (worst APEX setting)",
+             max(v["hooks_fraction_of_step"] for v in m.values() if "hooks_fraction_of_step" in v), 0.01),
+            ("assessment pass: fraction of a Tulu-v2 epoch (APEX ~52%)", m["apex_52"]["assessment_fraction_of_epoch"], 0.01),
+        ]:
+            out.append(dict(target=name, dtype=dname, value=value, limit=limit, met=value <= limit))
+    for dname, layers in results.get("layers", {}).items():
+        for name, v in layers.items():
+            if " ops " in name:
+                out.append(dict(target=f"layer {name}: fwd+bwd / frozen", dtype=dname, value=v["over_frozen"],
+                                limit=1.05, met=v["over_frozen"] <= 1.05))
+    m1024 = next(m for m in results["monarch"] if m["n"] == 1024)
+    out.append(dict(target="Monarch n=1024: dense time / Monarch time", dtype="fp32", value=m1024["speedup"],
+                    limit=8.0, met=m1024["speedup"] >= 8.0, higher_is_better=True))
+    return out
 
 
 def print_summary(results: dict) -> None:
-    for name, m in results["models"].items():
-        log(
-            f"{name} model ({m['params'] / 1e6:.1f}M params, batch {m['batch'][0]}x{m['batch'][1]}): "
-            f"APEX/LoRA step {m['apex_over_lora']:.2f}x, APEX/full {m['apex_over_full']:.2f}x, "
-            f"assessment hooks {100 * m['assessment_overhead']:+.1f}% of step, "
-            f"fusion {1e3 * m['fusion_s']:.1f} ms = {100 * m['fusion_fraction_of_stage']:.2f}% of a "
-            f"{results['stage_steps']}-step stage"
-        )
-        if "memory" in m:
-            log(
-                f"  memory above the pre-training RSS: APEX/LoRA {m['memory_apex_over_lora']:.2f}x, "
-                f"APEX/full {m['memory_apex_over_full']:.2f}x (peak RSS: {m['peak_apex_over_lora']:.2f}x, "
-                f"{m['peak_apex_over_full']:.2f}x)"
+    for dname, entry in results["models"].items():
+        log(f"{dname}: {entry['params'] / 1e6:.0f}M params, batch {BATCH}x{SEQ}")
+        log(f"  {'method':16s} {'trainable':>10s} {'step s':>7s} {'/floor':>7s} {'/full':>6s} {'/LoRA8':>7s} {'mem GB':>7s} {'/full':>6s} {'/LoRA8':>7s}")
+        for name, m in entry["methods"].items():
+            log(f"  {name:16s} {m['trainable_pct']:9.2f}% {m['step_s']:7.2f} {m['step_over']['floor']:7.2f} "
+                f"{m['step_over']['full']:6.2f} {m['step_over']['lora_r8']:7.2f} {m['memory']['total'] / 1e9:7.2f} "
+                f"{m['memory_over']['full']:6.2f} {m['memory_over']['lora_r8']:7.2f}")
+    for dname, layers in results.get("layers", {}).items():
+        log(f"layers ({dname}, {BATCH * SEQ} tokens, fwd+bwd): " + "; ".join(
+            f"{n} {v['over_frozen']:.2f}x frozen" for n, v in layers.items()))
+    for dname, entry in results["models"].items():
+        for name, m in entry["methods"].items():
+            if "hooks_fraction_of_step" in m:
+                log(f"{name} [{dname}]: ranking hooks {100 * m['hooks_fraction_of_step']:.2f}% of the step; an "
+                    f"assessment batch costs {m['assess_batch_over_step']:.2f} steps, so scoring {ASSESS_EXAMPLES} "
+                    f"examples is {100 * m['assessment_fraction_of_epoch']:.2f}% of a {TULU_V2_EXAMPLES}-example epoch "
+                    f"({100 * m['assessment_fraction_of_reference_run']:.2f}% of the reference's {REFERENCE_EPOCHS} epochs)")
+    mon = ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch"])
+    log(f"Monarch vs dense: {mon}")
+    if "monarch_default_malloc" in results:
+        log("  (glibc default allocator: " + ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch_default_malloc"]) + ")")
+    for t in results["targets"]:
+        sign = ">=" if t.get("higher_is_better") else "<="
+        log(f"  target {t['target']} [{t['dtype']}]: {t['value']:.4g} ({sign} {t['limit']:g}) -> {'met' if t['met'] else 'NOT met'}")
+
+
+def cost_markdown(results: dict) -> List[str]:
+    """The results as markdown tables (RESULTS.md and the README's cost section)."""
+    lines = [
+        f"Device {results['device']}, {results.get('threads') or '-'} intra-op thread(s), {results['mode']} mode: "
+        f"{results['rounds']} interleaved rounds of {results['steps_per_round']} step(s) per method (forward, "
+        "backward, clip, AdamW); ratios are medians over rounds of within-round ratios. Memory: parameters + "
+        "gradients + optimizer state + tensors saved for backward.",
+        "",
+        "| method | dtype | trainable | step s | / floor | / full FT | / LoRA r8 | memory GB | / full FT | / LoRA r8 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for dname, entry in results["models"].items():
+        for name, m in entry["methods"].items():
+            lines.append(
+                f"| {name} | {dname} | {m['trainable_pct']:.2f}% | {m['step_s']:.2f} | {m['step_over']['floor']:.2f} | "
+                f"{m['step_over']['full']:.2f} | {m['step_over']['lora_r8']:.2f} | {m['memory']['total'] / 1e9:.2f} | "
+                f"{m['memory_over']['full']:.2f} | {m['memory_over']['lora_r8']:.2f} |"
             )
-    log("Monarch vs dense: " + ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch"]))
-    for name, t in results["targets"].items():
-        log(f"  target {name}: {t['value']:.4g} -> {'met' if t['met'] else 'NOT met'}")
+    for dname, layers in results.get("layers", {}).items():
+        lines += ["", f"Per layer ({dname}, {results['batch'][0] * results['batch'][1]} tokens, forward + backward):", "",
+                  "| wrapper | shape (in x out) | / frozen linear | / LoRA r8 linear |", "|---|---|---:|---:|"]
+        for name, v in layers.items():
+            lora = f"{v['over_lora_r8']:.2f}" if "over_lora_r8" in v else "-"
+            lines.append(f"| {name} | {v['shape']} | {v['over_frozen']:.2f} | {lora} |")
+    lines += ["", "| target | dtype | measured | limit | met |", "|---|---|---:|---:|---|"]
+    for t in results["targets"]:
+        sign = ">=" if t.get("higher_is_better") else "<="
+        lines.append(f"| {t['target']} | {t['dtype']} | {t['value']:.3g} | {sign} {t['limit']:g} | {'yes' if t['met'] else 'no'} |")
+    lines += ["", "Monarch multiply vs dense n x n (F.linear), " + f"{results['monarch'][0]['rows']} rows: "
+              + ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch"])]
+    if "monarch_default_malloc" in results:
+        lines[-1] += "; with glibc's default allocator: " + ", ".join(
+            f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch_default_malloc"])
+    return lines + [""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="more timing rounds, 4x the Monarch rows")
-    parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--full", action="store_true", help="more timing rounds, bf16 layer micro-benchmarks, 4x Monarch rows")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
-    if args.memory_probe:
-        print(json.dumps(memory_probe(*args.memory_probe)))
-        return
-    print_summary(run_cost(args.full))
+    print_summary(run_cost(args.full, torch.device(args.device)))
 
 
 if __name__ == "__main__":

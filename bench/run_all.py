@@ -11,9 +11,10 @@ import os
 import statistics
 import time
 
+import torch
+
 from bench.common import RESULTS_DIR, cached_base_exists, log, require_data, write_json
-from bench.cost import plot as cost_plot
-from bench.cost import print_summary, run_cost
+from bench.cost import cost_markdown, print_summary, run_cost
 from bench.quality import (
     DEFAULT,
     FULL,
@@ -167,14 +168,6 @@ def quality_section(q: dict) -> list:
     return lines
 
 
-def _ops_ratio(c: dict) -> str:
-    return ", ".join(
-        f"{name} model {m['step']['apex_ops']['median_s'] / m['step']['lora']['median_s']:.2f}x LoRA's step, "
-        f"{m['step']['apex_ops']['median_s'] / m['step']['full']['median_s']:.2f}x full FT's"
-        for name, m in c["models"].items()
-    )
-
-
 def sweep_section() -> list:
     path = RESULTS_DIR / SWEEP_FILE
     if not path.exists():
@@ -197,84 +190,7 @@ def sweep_section() -> list:
 
 
 def cost_section(c: dict) -> list:
-    lines = [
-        "## Cost",
-        "",
-        f"Same model and batch for every method; random weights; {c['threads']} intra-op thread(s); "
-        f"{c['rounds']} rounds, each timing every method in turn for {c['steps_per_round']} steps (forward, backward, "
-        "clip, AdamW); step times are medians, ratios the median over rounds of the within-round ratio. "
-        "APEX = APEX + delta (ranker hooks attached, as in training), LoRA at the matched rank (shown).",
-        "",
-        "| model | params | batch | LoRA rank | full FT ms | LoRA ms | APEX ms | APEX/LoRA | APEX/full | "
-        "hooks overhead | merge_apex_ ms | fusion % of stage |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, m in c["models"].items():
-        s = m["step"]
-        lines.append(
-            f"| {name} | {m['params'] / 1e6:.1f}M | {m['batch'][0]}x{m['batch'][1]} | {m['lora_rank']} | "
-            f"{1e3 * s['full']['median_s']:.0f} | "
-            f"{1e3 * s['lora']['median_s']:.0f} | {1e3 * s['apex_delta']['median_s']:.0f} | {m['apex_over_lora']:.2f}x | "
-            f"{m['apex_over_full']:.2f}x | {100 * m['assessment_overhead']:+.1f}% | {1e3 * m['fusion_s']:.1f} | "
-            f"{100 * m['fusion_fraction_of_stage']:.3f}% |"
-        )
-    lines += [
-        "",
-        f"Hooks overhead: APEX step time with the ranker attached vs detached. Fusion: merge_apex_ time over a "
-        f"{c['stage_steps']}-step stage (a stage of the default instruction-tuning runs) of APEX steps.",
-        "",
-    ]
-    wide = c["models"]["wide"]
-    mem = wide["memory"]
-    lines += [
-        "Peak memory (wide model, one child process per method, 3 training steps; peak = the kernel's VmHWM "
-        "high-water mark, reset just before training; `getrusage` max RSS cannot be reset and survives fork/exec. "
-        "'training' = peak minus the RSS after building the model and batch, i.e. gradients, optimizer state "
-        "and activations; RSS also counts the Python/torch runtime, so peak ratios understate the difference):",
-        "",
-        "| method | RSS before training MB | peak MB | training MB |",
-        "|---|---:|---:|---:|",
-    ]
-    for method, v in mem.items():
-        lines.append(f"| {method} | {v['rss_before_mb']:.0f} | {v['peak_mb']:.0f} | {v['training_mb']:.0f} |")
-    lines += [
-        "",
-        f"APEX/LoRA training memory {wide['memory_apex_over_lora']:.2f}x, APEX/full {wide['memory_apex_over_full']:.2f}x "
-        f"(peak RSS {wide['peak_apex_over_lora']:.2f}x and {wide['peak_apex_over_full']:.2f}x).",
-        "",
-        f"Monarch multiply (MonarchMatrix forward) vs dense n x n matmul on {c['monarch'][0]['rows']} rows:",
-        "",
-        "| n | blocks x size | Monarch ms | dense ms | speedup | FLOP ratio |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
-    for m in c["monarch"]:
-        lines.append(
-            f"| {m['n']} | {m['nblocks']} x {m['block_size']} | {1e3 * m['monarch_s']:.2f} | {1e3 * m['dense_s']:.2f} | "
-            f"{m['speedup']:.1f}x | {m['flop_ratio']:.0f}x |"
-        )
-    lines += [
-        "",
-        "### Targets (judged on the wide model)",
-        "",
-        "| target | measured | met |",
-        "|---|---:|---|",
-    ]
-    for name, t in c["targets"].items():
-        lines.append(f"| {name} | {t['value']:.4g} | {'yes' if t['met'] else 'no'} |")
-    lines += [
-        "",
-        "Where the step time comes from: apex_tune's wrappers are index-based, not permuted into contiguous "
-        "slices. With the delta, a column wrapper (q, k, v, w1, w3) computes the full base matmul and then a second "
-        "matmul of the input with the delta for the tuned rows; a row wrapper (output_proj, w2) adds a second matmul "
-        "on the tuned input columns. At a 50% tuned ratio that is about 1.5x the forward matmul work of the frozen "
-        "layer, plus the delta's gradient, so APEX + delta does not get the partial-backpropagation saving the "
-        "method describes (S2FT-style contiguous slices would compute each tuned row once). For comparison, APEX "
-        f"with operators only (Monarch, a, b; no delta) steps at {_ops_ratio(c)}.",
-        "",
-        "![cost](cost.png)",
-        "",
-    ]
-    return lines
+    return ["## Cost", "", *cost_markdown(c)]
 
 
 def write_report() -> str:
@@ -310,13 +226,13 @@ def main() -> None:
     if args.report_only:
         cost = json.loads((RESULTS_DIR / "cost.json").read_text())
         quality = json.loads((RESULTS_DIR / "quality.json").read_text())
-        for path in [cost_plot(cost), *quality_plot(quality), write_report()]:
+        for path in [*quality_plot(quality), write_report()]:
             log(f"wrote {path}")
         return
     require_data()
     pretrained = not cached_base_exists()
     start = time.perf_counter()
-    cost = run_cost(full=args.full)
+    cost = run_cost(args.full, torch.device("cpu"))
     cost_seconds = time.perf_counter() - start
     quality = run_quality(FULL if args.full else DEFAULT)
     wall = time.perf_counter() - start

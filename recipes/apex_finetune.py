@@ -275,17 +275,17 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 targets = labels != self._loss_fn.ignore_index
                 tokens = targets.sum()
                 self._ranker.begin_microbatch(targets)
+                # Without targets the mean loss is 0/0 = NaN. One stand-in target (class 0) keeps
+                # it finite; weighted by tokens = 0 below, its loss and gradient are exactly zero,
+                # and every rank still runs backward for FSDP's collectives. A tensor op, so no
+                # host sync per micro-batch (the count is read when the step is logged).
+                labels[0, 0] = torch.where(tokens == 0, 0, labels[0, 0])
                 with self._activations_ctx:
                     logits = self._model(**batch)
                 if not isinstance(logits, list):
                     labels = labels.reshape(-1)
                     logits = logits.reshape(-1, logits.size(-1))
-                if tokens.item() == 0:
-                    # Nothing to learn here (the mean loss would be 0/0 = NaN), but every
-                    # rank must still run backward for FSDP's collectives: a zero loss.
-                    loss = sum(chunk.sum() for chunk in logits) * 0.0 if isinstance(logits, list) else logits.sum() * 0.0
-                else:
-                    loss = self._loss_fn(logits, labels) * tokens
+                loss = self._loss_fn(logits, labels) * tokens
                 del logits
                 loss.backward()
                 at_max = 0

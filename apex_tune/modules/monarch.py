@@ -116,23 +116,31 @@ def monarch_apply(
     padded_n = b * p
     if padded_n != n:
         x = nn.functional.pad(x, (0, padded_n - n))
-    h = x.reshape(-1, b, p)  # (rows, blocks, p)
+    h = x.reshape(-1, b, p)  # (rows, blocks, p): a view for contiguous x
     rows = h.shape[0]
-    if not transpose:
-        # BD(L1): each block is one bmm batch entry.
-        h = torch.bmm(h.transpose(0, 1), L1.transpose(1, 2)).transpose(0, 1)
-        # P: read the (b, p) grid column-major, i.e. transpose to (p, b) and
-        # regroup into b blocks of p. Each new block then mixes all old blocks.
-        h = h.transpose(1, 2).reshape(rows, b, p)
-        h = torch.bmm(h.transpose(0, 1), L2.transpose(1, 2)).transpose(0, 1)
-        # P^T: undo the regrouping.
-        h = h.reshape(rows, p, b).transpose(1, 2)
+    # Every step is one bmm over the blocks or one copy that realises a permutation
+    # (square blocks: two bmms and one copy). No n x n matrix.
+    if transpose:
+        # P: read each row's (b, p) grid column-major.
+        h = h.transpose(1, 2).contiguous().view(rows, b, p)
+        h = torch.bmm(h.transpose(0, 1), L2)  # BD(L2)^T: (blocks, rows, p)
+        # P^T: each row's (b, p) grid read as (p, b), transposed back.
+        h = h.transpose(0, 1).reshape(rows, p, b).transpose(1, 2).contiguous()
+        h = torch.bmm(h.view(rows, b, p).transpose(0, 1), L1)  # BD(L1)^T
+        out = h.transpose(0, 1)
+    elif b == p:
+        # Square blocks: after P, block j holds element j of every BD(L1) block. With
+        # BD(L1) computed as (blocks, p, rows), that is a strided view bmm reads as is.
+        h = torch.bmm(L1, h.permute(1, 2, 0))  # BD(L1): (block i, element k, rows)
+        h = torch.bmm(h.permute(1, 2, 0), L2.transpose(1, 2))  # P, then BD(L2): (block j, rows, p)
+        out = h.permute(1, 2, 0)  # P^T: element o of block j goes to o * b + j (the one copy)
     else:
-        h = h.transpose(1, 2).reshape(rows, b, p)  # P
-        h = torch.bmm(h.transpose(0, 1), L2).transpose(0, 1)  # BD(L2)^T
-        h = h.reshape(rows, p, b).transpose(1, 2)  # P^T
-        h = torch.bmm(h.transpose(0, 1), L1).transpose(0, 1)  # BD(L1)^T
-    h = h.reshape(rows, padded_n)
+        h = torch.bmm(h.transpose(0, 1), L1.transpose(1, 2))  # BD(L1): (blocks, rows, p)
+        # P: each row's (b, p) grid read column-major, i.e. as (p, b), regrouped into b blocks.
+        h = h.permute(1, 2, 0).reshape(rows, b, p)
+        h = torch.bmm(h.transpose(0, 1), L2.transpose(1, 2))  # BD(L2)
+        out = h.transpose(0, 1).reshape(rows, p, b).transpose(1, 2)  # P^T
+    h = out.reshape(rows, padded_n)
     if padded_n != n:
         h = h[:, :n]
     return h.reshape(*lead, n)

@@ -99,6 +99,10 @@ class ActivationRanker:
             sq = h.square().sum(dim=tuple(range(h.dim() - 1)))
         return sq.view(num_units, -1).sum(-1).sqrt()
 
+    # Not traced by torch.compile: the once-per-micro-batch check reads a Python int that
+    # changes every micro-batch, and a guard on it would recompile the layer each step.
+    # The norms it receives are still computed inside the compiled graph.
+    @torch.compiler.disable
     def _record(self, kind: str, pos: int, norms: torch.Tensor) -> None:
         key = (kind, pos)
         if self._recorded.get(key) == self._microbatch:

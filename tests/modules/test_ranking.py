@@ -363,3 +363,47 @@ def test_select_without_microbatches_and_reset(make_tiny, vocab_size):
     ranker.reset()
     assert ranker.num_microbatches == 0
     assert all(t.abs().sum() == 0 for t in ranker.relative["channels"] + ranker.activation["heads"])
+
+
+def test_compiled_layers_with_hooks_do_not_recompile(make_tiny, vocab_size, monkeypatch):
+    """``compile: True`` with the ranker attached: the layers compile once, not per
+    micro-batch, and the scores are those of the eager model.
+
+    The recipe's own ``training.compile_model`` is used, with a registered backend that
+    counts the graphs dynamo hands it and runs them as they are (inductor's code
+    generation is not what is tested here and costs minutes on CPU). A recompile is a
+    new graph, so the count must not grow after the first training step."""
+    from torchtune import training
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(compiler_fn=counting_backend, name="apex_test_count_graphs")
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "apex_test_count_graphs")
+    compiled = apply_apex(make_tiny("llama3_gqa4"), SETTINGS)
+    compiled.train()
+    eager = copy.deepcopy(compiled)
+    rankers = [ActivationRanker(m, SETTINGS).attach() for m in (compiled, eager)]
+    training.compile_model(compiled, verbose=False)
+    counts = []
+    try:
+        for tokens, mask in _batches(vocab_size, n=4, batch=2, seed=5):
+            for model, ranker in zip((compiled, eager), rankers):
+                ranker.begin_microbatch(mask)
+                model(tokens).square().mean().backward()
+            counts.append(len(graphs))
+    finally:
+        torch._dynamo.reset()
+    assert counts[0] > 0, "nothing was compiled: the test does not exercise torch.compile"
+    assert counts == [counts[0]] * 4, f"graphs compiled after each step: {counts}"
+    for kind in ("heads", "channels"):
+        for got, want in zip(rankers[0].relative[kind], rankers[1].relative[kind]):
+            assert torch.equal(got, want)
+        for got, want in zip(rankers[0].activation[kind], rankers[1].activation[kind]):
+            # the same fp32 ops, possibly regrouped by dynamo: a few fp32 ulps (1.2e-7) per
+            # reduction, with a 10x margin
+            assert torch.allclose(got, want, rtol=1e-5, atol=0)
