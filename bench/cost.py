@@ -34,7 +34,7 @@ from bench.common import (
     log,
     lora_model,
     lora_params_per_rank,
-    merge_apex_,
+    fold_apex_,
     setup_torch,
     write_json,
 )
@@ -112,11 +112,11 @@ def paired_ratio(times: Dict[str, list], a: str, b: str) -> float:
 
 
 def fusion_seconds(model, repeats: int = 5) -> float:
-    """Median time of merge_apex_ (the stage-boundary fusion) on a wrapped model."""
+    """Median time of fold_apex_ (the stage-boundary fusion) on a wrapped model."""
     times = []
     for i in range(repeats):
         start = time.perf_counter()
-        merge_apex_(model, seed=i)
+        fold_apex_(model, seed=i)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

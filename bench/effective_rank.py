@@ -6,7 +6,7 @@ method trained as there; per projection the mean over layers of the effective
 rank of the whole run's change against the base (LoRA merged, APEX fused), and
 APEX's per-stage ranks as the recipe records them.
 
-Cost: times ``merge_apex_`` (the fusion at a stage boundary) with and without
+Cost: times ``fold_apex_`` (the fusion at a stage boundary) with and without
 ``effective_ranks=True`` on the tiny model (dev/tiny_apex) and the benchmark's
 base model (APEX + delta, as in bench/quality.py), interleaved, median of many
 repeats, and a training step of the same model, so the extra time can be read
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from apex_tune import ApexSettings, apply_apex, merge_apex_, set_apex_trainable, set_selection
+from apex_tune import ApexSettings, apply_apex, fold_apex_, set_apex_trainable, set_selection
 from apex_tune.dev.tiny import tiny_llama3
 from bench.common import MODEL, log, setup_torch, write_json
 from torchtune.models.llama3 import llama3
@@ -54,7 +54,7 @@ def measure(build, settings: ApexSettings) -> dict:
                     p.add_(0.01 * torch.randn(p.shape))
         for flag, times in ((True, with_ranks), (False, without)) if i % 2 else ((False, without), (True, with_ranks)):
             start = time.perf_counter()
-            merge_apex_(model, seed=i, effective_ranks=flag)
+            fold_apex_(model, seed=i, effective_ranks=flag)
             times.append(time.perf_counter() - start)
     tokens = torch.randint(0, model.tok_embeddings.num_embeddings, (4, 128))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

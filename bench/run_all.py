@@ -157,7 +157,7 @@ def quality_section(q: dict) -> list:
         f"{100 * statistics.mean(assess):.2f}% of the run's training time (mean over runs; it scores "
         f"{mode['assess_examples']} examples against {trained} trained on in instruction tuning, "
         f"{100 * mode['assess_examples'] / trained:.0f}%, where the reference scores 12,288 against 2 epochs of "
-        "Tulu v2, about 2%), and each stage-boundary merge_apex_ "
+        "Tulu v2, about 2%), and each stage-boundary fold_apex_ "
         f"{100 * statistics.mean(fuse):.3f}% of its stage's time.",
         "",
         "![instruction tuning](instruction_tuning.png)",
@@ -206,7 +206,7 @@ def cost_section(c: dict) -> list:
         "APEX = APEX + delta (ranker hooks attached, as in training), LoRA at the matched rank (shown).",
         "",
         "| model | params | batch | LoRA rank | full FT ms | LoRA ms | APEX ms | APEX/LoRA | APEX/full | "
-        "hooks overhead | merge_apex_ ms | fusion % of stage |",
+        "hooks overhead | fold_apex_ ms | fusion % of stage |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in c["models"].items():
@@ -220,7 +220,7 @@ def cost_section(c: dict) -> list:
         )
     lines += [
         "",
-        f"Hooks overhead: APEX step time with the ranker attached vs detached. Fusion: merge_apex_ time over a "
+        f"Hooks overhead: APEX step time with the ranker attached vs detached. Fusion: fold_apex_ time over a "
         f"{c['stage_steps']}-step stage (a stage of the default instruction-tuning runs) of APEX steps.",
         "",
     ]

@@ -57,7 +57,7 @@ from apex_tune.training.checkpointing import (
     check_fusion,
     decode,
     encode,
-    fused_state_dict,
+    plain_state_dict,
     load_local_model_state,
     load_local_optimizer_state,
     load_rank_state,
@@ -723,7 +723,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         failure = [None]
         if self._is_rank_zero:
             if fused or self.settings.quantize_base:  # a quantized base is never merged in place
-                plain, difference = fused_state_dict(
+                plain, difference = plain_state_dict(
                     self._build_model_in_run_dtype, self.settings, wrapped_sd, selection, self._probe
                 )
                 log.info(f"checkpoint {label}: fused-vs-wrapped difference {difference:.2e} on the probe batch")

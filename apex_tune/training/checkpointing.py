@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from apex_tune.training._faults import fault_point
 from apex_tune.training.inputs import InputError, safetensors_header
-from apex_tune.modules.model import apply_apex, fuse_apex, materialize_apex_buffers_, set_apex_trainable, set_selection
+from apex_tune.modules.model import apply_apex, unwrap_apex, materialize_apex_buffers_, set_apex_trainable, set_selection
 from apex_tune.modules.nf4 import is_nf4
 from apex_tune.modules.selection import LayerSelection
 from apex_tune.modules.config import ApexSettings
@@ -337,7 +337,7 @@ def check_fusion(difference: float, tolerance: float, where: str) -> None:
 
 
 @torch.no_grad()
-def fused_state_dict(
+def plain_state_dict(
     build_model: Callable[[], nn.Module],
     settings: ApexSettings,
     wrapped_state_dict: Dict[str, torch.Tensor],
@@ -348,7 +348,7 @@ def fused_state_dict(
 
     Rebuilds the wrapped model on the meta device (``build_model`` gives the base
     architecture in the run's dtype) around copies of the given tensors and fuses
-    it with :func:`fuse_apex`, leaving the live (possibly sharded) training model
+    it with :func:`unwrap_apex`, leaving the live (possibly sharded) training model
     untouched. With ``probe_tokens`` also returns the
     relative difference of the fused model's logits from the wrapped model's.
     """
@@ -372,7 +372,7 @@ def fused_state_dict(
                     m.rope_init()
         model.eval()
         wrapped_logits = model(probe_tokens.cpu())
-    fuse_apex(model)
+    unwrap_apex(model)
     if probe_tokens is not None:
         difference = relative_difference(wrapped_logits, model(probe_tokens.cpu()))
     return model.state_dict(), difference

@@ -29,7 +29,7 @@ from torch import nn
 from torchtune.modules import TransformerSelfAttentionLayer
 
 from apex_tune.modules.expansion import ApexRowLinear
-from apex_tune.modules.model import CHANNELS, HEADS, _wrapped_layers, _wrappers, find_apex_layers, param_kind
+from apex_tune.modules.geometry import CHANNELS, HEADS, KINDS, find_apex_layers, param_kind, wrapped_layers
 from apex_tune.modules.config import ApexSettings
 
 GIB = 1024**3
@@ -66,11 +66,11 @@ def _shard_elements(shape, world_size: int) -> int:
 def add_frozen_stages_(model: nn.Module, count: int) -> None:
     """Over a quantized base: give every layer ``count`` frozen stages (meta device), the
     most it holds (T - 1 at the last stage), so they are counted."""
-    for layer in _wrapped_layers(model):
-        for kind in (HEADS, CHANNELS):
+    for layer in wrapped_layers(model):
+        for kind in KINDS:
             history = layer.history(kind)
             if history is not None:
-                history.grow_(count, layer.expansion(kind), list(_wrappers(layer, kind)))
+                history.grow_(count, layer.expansion(kind), dict(layer.named_wrappers(kind)))
 
 
 def _fsdp_units(model: nn.Module):
@@ -155,11 +155,11 @@ def parameter_copy_bytes(model: nn.Module, dtype_bytes: int, activation_checkpoi
     if dtype_bytes >= FP32:
         return 0
     per_layer = []
-    for layer in _wrapped_layers(model):
+    for layer in wrapped_layers(model):
         elements = 0
-        for kind in (HEADS, CHANNELS):
+        for kind in KINDS:
             expansion = layer.expansion(kind)
-            wrappers = list(_wrappers(layer, kind))
+            wrappers = layer.wrappers(kind)
             if expansion is not None:
                 mixing = sum(w.expansion is expansion for w in wrappers)
                 elements += mixing * sum(p.numel() for p in expansion.parameters() if p.requires_grad)
@@ -245,7 +245,7 @@ def memory_plan(
     # layer's units, from the same rounding the wrappers were built with (0 for a kind
     # that is off).
     fraction = {}
-    for kind in (HEADS, CHANNELS):
+    for kind in KINDS:
         units = layers[0].num_units(kind)
         k = settings.expanded_units(units, kind)
         fraction[kind] = (k / units, (2 * k + settings.extra_units(units, kind)) / units)

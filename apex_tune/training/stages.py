@@ -1,7 +1,7 @@
 """The stage-boundary protocol, one code path for the recipe and the benchmarks.
 
 At the end of a stage (:func:`end_stage`): check the APEX parameters are
-finite, fold the stage into the weights in fp32 (:func:`~apex_tune.modules.model.merge_apex_`),
+finite, fold the stage into the weights in fp32 (:func:`~apex_tune.modules.model.fold_apex_`),
 point the wrappers at the next selection, reset the operators (done by the
 merge) and the ranker's scores, and reset the optimizer state truly: the
 next update is the first update of a fresh optimizer (Adam step 1, zero
@@ -23,7 +23,7 @@ from torch import nn
 
 from apex_tune.modules._dtensor import full_value
 from apex_tune.training.checkpointing import relative_difference
-from apex_tune.modules.model import merge_apex_, set_selection
+from apex_tune.modules.model import fold_apex_, set_selection
 from apex_tune.modules.ranking import ActivationRanker
 from apex_tune.modules.selection import LayerSelection
 
@@ -74,14 +74,14 @@ def end_stage(
     logits on a fixed batch) the result has the relative difference of those
     logits across the fold, which must be rounding only; with ``effective_ranks``,
     the effective rank of each wrapped projection's change over the stage
-    (:func:`~apex_tune.modules.model.merge_apex_`). Raises :class:`NonFiniteParameterError`
+    (:func:`~apex_tune.modules.model.fold_apex_`). Raises :class:`NonFiniteParameterError`
     before touching anything.
     """
     name = first_nonfinite_parameter(model)
     if name is not None:
         raise NonFiniteParameterError(name)
     before = probe() if probe is not None else None
-    ranks = merge_apex_(model, seed=seed, effective_ranks=effective_ranks)
+    ranks = fold_apex_(model, seed=seed, effective_ranks=effective_ranks)
     difference = relative_difference(before, probe()) if probe is not None else None
     if next_selection is not None:
         set_selection(model, next_selection)

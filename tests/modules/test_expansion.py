@@ -14,9 +14,9 @@ from apex_tune import (
     ApexRowLinear,
     ApexSettings,
     apply_apex,
-    fuse_apex,
+    unwrap_apex,
     get_selection,
-    merge_apex_,
+    fold_apex_,
     set_apex_trainable,
     set_selection,
 )
@@ -78,7 +78,7 @@ def test_merge_and_fuse_keep_outputs(kind, delta, make_tiny, tokens, random_sele
     assert rel_diff_fn(wrapped_out, base_out) > 1e-2, "perturbing the APEX parameters must change the outputs"
 
     # Stage boundary: fold in, reset operators, same function.
-    merge_apex_(model, seed=5)
+    fold_apex_(model, seed=5)
     with torch.no_grad():
         merged_out = model(tokens)
     assert rel_diff_fn(merged_out, wrapped_out) <= 1e-5
@@ -95,7 +95,7 @@ def test_merge_and_fuse_keep_outputs(kind, delta, make_tiny, tokens, random_sele
     perturb_apex_fn(model, seed=6)
     with torch.no_grad():
         wrapped_out = model(tokens)
-    fused = fuse_apex(model)
+    fused = unwrap_apex(model)
     for module in fused.modules():
         assert not isinstance(module, (ApexColumnLinear, ApexRowLinear, ApexExpansion))
     for layer in fused.layers:
@@ -278,7 +278,7 @@ def test_column_formula(delta, bias):
     ref = x.double() @ expected.T + (expected_bias if bias else 0)
     assert torch.allclose(wrapper(x).double(), ref, atol=1e-5, rtol=1e-5)
 
-    wrapper.merge_()
+    wrapper.fold_()
     assert torch.allclose(wrapper.weight.double(), expected, atol=1e-5, rtol=1e-5)
     if bias:
         assert torch.allclose(wrapper.bias.double(), expected_bias, atol=1e-5, rtol=1e-5)
@@ -321,7 +321,7 @@ def test_row_formula(group, delta):
     ref = x.double() @ expected.T
     assert torch.allclose(wrapper(x).double(), ref, atol=1e-5, rtol=1e-5)
 
-    wrapper.merge_()
+    wrapper.fold_()
     assert torch.allclose(wrapper.weight.double(), expected, atol=1e-5, rtol=1e-5)
 
 

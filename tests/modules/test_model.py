@@ -16,9 +16,9 @@ from apex_tune import (
     UnitSelection,
     apply_apex,
     find_apex_layers,
-    fuse_apex,
+    unwrap_apex,
     get_selection,
-    merge_apex_,
+    fold_apex_,
     set_apex_trainable,
     set_selection,
     trainable_parameter_report,
@@ -189,7 +189,7 @@ def test_apply_twice_raises(make_tiny):
 
 def test_unwrapped_model_errors(make_tiny):
     model = make_tiny("llama2_mha")
-    for fn in (get_selection, merge_apex_, fuse_apex):
+    for fn in (get_selection, fold_apex_, unwrap_apex):
         with pytest.raises(ValueError, match="apply_apex"):
             fn(model)
 

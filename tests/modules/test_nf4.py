@@ -20,22 +20,20 @@ from torchtune.models.qwen2 import qwen2
 from apex_tune import (
     ApexSettings,
     apply_apex,
-    fuse_apex,
+    unwrap_apex,
     get_selection,
-    merge_apex_,
+    fold_apex_,
     reset_apex_parameters,
     set_apex_trainable,
     set_selection,
     trainable_parameter_report,
 )
-from apex_tune.training.checkpointing import fused_state_dict
+from apex_tune.training.checkpointing import plain_state_dict
 from apex_tune.training.memory_options import check_memory_options
 from apex_tune.modules.model import param_kind
 from apex_tune.modules.nf4 import (
     NF4_BLOCK_SIZE,
     NF4_SCALER_BLOCK_SIZE,
-    QApexColumnLinear,
-    QApexRowLinear,
     ensure_history_,
     is_quantized,
     resume_state_dict,
@@ -116,7 +114,9 @@ def test_quantize_base_stores_nf4_and_trains_only_apex(delta):
     projections = [layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.output_proj,
                    layer.mlp.w1, layer.mlp.w3, layer.mlp.w2]
     assert all(isinstance(p.weight, NF4Tensor) and not p.weight.requires_grad for p in projections)
-    assert isinstance(layer.attn.v_proj, QApexColumnLinear) and isinstance(layer.mlp.w2, QApexRowLinear)
+    # The wrappers are built over the NF4 weight with the owner's frozen stages (no class swap).
+    assert layer.attn.v_proj.frozen_stages() == [] and layer.attn.v_proj._history[0] is layer.attn.apex_history
+    assert layer.mlp.w2._history[0] is layer.mlp.apex_history
     assert not isinstance(model.tok_embeddings.weight, NF4Tensor) and not isinstance(model.output.weight, NF4Tensor)
     assert is_quantized(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -148,7 +148,7 @@ def test_wrapped_nf4_model_at_init_equals_nf4_base(kind, delta, tokens):
     model = apply_apex(build(kind), settings(delta))
     set_selection(model, selection_for(model, 0))
     reset_apex_parameters(model)
-    plain = dequantized_copy(fuse_apex(copy.deepcopy(model)))
+    plain = dequantized_copy(unwrap_apex(copy.deepcopy(model)))
     with torch.no_grad():
         got, expected = model(tokens), plain(tokens)
     assert rel(got, expected) <= 1e-6
@@ -186,11 +186,11 @@ def test_qapex_equals_apex_on_the_dequantized_base(kind, delta, tokens):
         assert grads_q.keys() == grads_r.keys() and grads_q
         for name in grads_q:
             assert rel(grads_q[name], grads_r[name]) <= 1e-4, name
-        merge_apex_(quantized, seed=stage)
-        merge_apex_(reference, seed=stage)
+        fold_apex_(quantized, seed=stage)
+        fold_apex_(reference, seed=stage)
     assert len(quantized.layers[0].mlp.apex_history) == 3
     with torch.no_grad():
-        fused_q, fused_r = fuse_apex(copy.deepcopy(quantized)), fuse_apex(copy.deepcopy(reference))
+        fused_q, fused_r = unwrap_apex(copy.deepcopy(quantized)), unwrap_apex(copy.deepcopy(reference))
     for key, value in fused_r.state_dict().items():
         assert torch.allclose(fused_q.state_dict()[key], value, rtol=0, atol=1e-6), key
 
@@ -215,10 +215,10 @@ def test_fusion_error_per_stage_is_bounded_and_does_not_pile_up(tokens, capsys):
             train_like(model, seed=stage)
         with torch.no_grad():
             wrapped, wrapped_requantizing = deferred(tokens), requantizing(tokens)
-            exact = fuse_apex(copy.deepcopy(deferred))(tokens)
-            requantizing = apply_apex(fuse_apex(requantizing), s)  # dequantize, fold, quantize again
+            exact = unwrap_apex(copy.deepcopy(deferred))(tokens)
+            requantizing = apply_apex(unwrap_apex(requantizing), s)  # dequantize, fold, quantize again
             folded_requantized = requantizing(tokens)
-        merge_apex_(deferred, seed=stage)
+        fold_apex_(deferred, seed=stage)
         with torch.no_grad():
             assert rel(deferred(tokens), wrapped) <= FUSION_TOLERANCE  # the live model after the boundary
         ours.append(rel(exact, wrapped))
@@ -248,14 +248,14 @@ def test_saved_state_fuses_to_a_plain_model(dtype, tokens):
         reset_apex_parameters(model, seed=stage)
         train_like(model, seed=stage)
         if stage == 0:
-            merge_apex_(model, seed=stage)
+            fold_apex_(model, seed=stage)
     wrapped_sd = {k: (v.get_original_weight() if isinstance(v, NF4Tensor) else v) for k, v in model.state_dict().items()}
     assert any(".apex_history.0." in k for k in wrapped_sd)
 
     def build_plain():
         return llama3(num_kv_heads=2, **GEOMETRY).to(dtype)
 
-    plain_sd, difference = fused_state_dict(build_plain, s, wrapped_sd, get_selection(model), tokens)
+    plain_sd, difference = plain_state_dict(build_plain, s, wrapped_sd, get_selection(model), tokens)
     tolerance = FUSION_TOLERANCE if dtype == torch.float32 else BF16_FORWARD_TOLERANCE
     assert difference <= tolerance
     assert plain_sd.keys() == base.state_dict().keys()
@@ -277,7 +277,7 @@ def test_resume_state_rebuilds_the_same_nf4_codes_and_stages():
     model = apply_apex(copy.deepcopy(base), s)
     set_selection(model, selection_for(model, 0))
     train_like(model, seed=0)
-    merge_apex_(model, seed=0)
+    fold_apex_(model, seed=0)
     saved = {k: (v.get_original_weight() if isinstance(v, NF4Tensor) else v.clone()) for k, v in model.state_dict().items()}
 
     restored = resume_state_dict(saved, base.state_dict())
@@ -391,7 +391,7 @@ def test_fsdp_low_bit_optimizer_and_exact_resume(process_group, tokens):
         loss_of(model).backward()
         optimizer.step()
         optimizer.zero_grad()
-    merge_apex_(model, seed=1)
+    fold_apex_(model, seed=1)
     set_selection(model, selection_for(model, 1))
     optimizer.state.clear()
     loss_of(model).backward()

@@ -17,9 +17,9 @@ from apex_tune import (
     ActivationRanker,
     ApexSettings,
     apply_apex,
-    fuse_apex,
+    unwrap_apex,
     get_selection,
-    merge_apex_,
+    fold_apex_,
     parse_apex_config,
     set_apex_trainable,
     set_selection,
@@ -203,9 +203,9 @@ def test_heads_off_trains_fuses_and_ranks(make_tiny, tokens):
             if name.endswith(("monarch.L2", "delta")):
                 param.normal_(0, 0.05)
         wrapped_logits = model(tokens)
-        merge_apex_(model)
+        fold_apex_(model)
         merged_logits = model(tokens)
-        fuse_apex(model)
+        unwrap_apex(model)
         fused_logits = model(tokens)
     assert model.state_dict().keys() == reference.state_dict().keys()
     assert not torch.equal(wrapped_logits, reference(tokens))
@@ -233,12 +233,12 @@ def test_heads_off_over_a_quantized_base(tokens):
         for name, param in model.named_parameters():
             if name.endswith(("monarch.L1", "monarch.L2")):
                 param.copy_(0.3 * torch.randn(param.shape, generator=gen))
-        merge_apex_(model)  # the first stage is frozen into the FFN's history
+        fold_apex_(model)  # the first stage is frozen into the FFN's history
         for name, param in model.named_parameters():
             if name.endswith("monarch.L2") and param.requires_grad:
                 param.copy_(0.3 * torch.randn(param.shape, generator=gen))
         wrapped_logits = model(tokens)
-        fuse_apex(model)
+        unwrap_apex(model)
         fused_logits = model(tokens)
     assert not is_quantized(model)
     # fp32 rounding of the wrapped forward against the fp32 fold (as test_quantization).
