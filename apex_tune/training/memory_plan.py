@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torchtune.modules import TransformerSelfAttentionLayer
 
-from apex_tune.modules.expansion import ApexRowLinear
 from apex_tune.modules.geometry import CHANNELS, HEADS, KINDS, find_apex_layers, param_kind, wrapped_layers
 from apex_tune.modules.config import ApexSettings
 
@@ -112,11 +111,12 @@ def activation_bytes(
     r_h / r_c: the tuned fraction of head units / channels (2K, P and N, without the delta). Per layer and token, in
     ``dtype`` elements: the frozen base's q, k and v (torchtune expands K/V to every
     query head), attention output and FFN w1, w3, gate outputs, 4h + 3i (frozen
-    projections keep no inputs); APEX's gathered
-    slices, r_h (h + 2kv) + K_h kv + 5 r_c i + 2 K_c i; with the delta also the normed
-    inputs and q/k sums, 2h + r_h (h + kv); plus both norms' inputs in fp32 (8h bytes).
-    Per layer, independent of tokens: the gathered weight slices of output_proj and
-    w2, (2 r_h + K_h) h^2 + (2 r_c + K_c) h i elements.
+    projections keep no inputs); APEX's gathered slices, the column wrappers'
+    r_h 2kv + K_h kv + 4 r_c i + 2 K_c i and the row wrappers' (output_proj, w2: the
+    gathered and the mixed tuned inputs, the Monarch's two intermediates on N)
+    2 (r_h + K_h) h + 2 (r_c + K_c) i; with the delta also the normed inputs and q/k
+    sums, 2h + r_h (h + kv); plus both norms' inputs in fp32 (8h bytes). No weight
+    slices: the row wrappers act on their inputs.
 
     Without activation checkpointing every layer keeps all of it; with it (one
     checkpoint per layer) each keeps its input (h per token) and one layer at a time
@@ -126,12 +126,11 @@ def activation_bytes(
     """
     h, kv, i, K_h, K_c = embed_dim, kv_dim, intermediate_dim, ratio_heads, ratio_channels
     per_token = 4 * h + 3 * i
-    per_token += tuned_heads * (h + 2 * kv) + K_h * kv + 5 * tuned_channels * i + 2 * K_c * i
+    per_token += tuned_heads * 2 * kv + K_h * kv + 4 * tuned_channels * i + 2 * K_c * i
+    per_token += 2 * (tuned_heads + K_h) * h + 2 * (tuned_channels + K_c) * i
     if delta:
         per_token += 2 * h + tuned_heads * (h + kv)
-    layer = tokens * (per_token * dtype_bytes + 2 * h * FP32)
-    layer += ((2 * tuned_heads + K_h) * h * h + (2 * tuned_channels + K_c) * h * i) * dtype_bytes
-    layer = round(layer)
+    layer = round(tokens * (per_token * dtype_bytes + 2 * h * FP32))
     if activation_checkpointing:
         layers = num_layers * tokens * h * dtype_bytes + layer
     else:
@@ -146,7 +145,7 @@ def parameter_copy_bytes(model: nn.Module, dtype_bytes: int, activation_checkpoi
 
     Under a bf16 base the wrappers cast their fp32 parameters to bf16 where they are
     used (``param.to(x.dtype)``), and the matmuls keep those copies for backward: per
-    wrapper, its own ``b`` and (column wrappers) delta, and the layer's shared M and ``a`` once per wrapper
+    wrapper, its own ``b`` and delta, and the layer's shared M and ``a`` once per wrapper
     that mixes with them (2 for heads: v_proj, output_proj; 3 for channels: w1, w3, w2),
     an upper bound since some uses keep no copy; and a trained output head's weight (or
     the tied embedding read as one). With activation checkpointing one layer's copies
@@ -164,10 +163,7 @@ def parameter_copy_bytes(model: nn.Module, dtype_bytes: int, activation_checkpoi
                 mixing = sum(w.expansion is expansion for w in wrappers)
                 elements += mixing * sum(p.numel() for p in expansion.parameters() if p.requires_grad)
             for wrapper in wrappers:
-                # A row wrapper adds its delta to the gathered columns (counted by the
-                # activation formula) and keeps no copy of it.
-                skip = ("weight", "bias", "delta") if isinstance(wrapper, ApexRowLinear) else ("weight", "bias")
-                elements += sum(p.numel() for n, p in wrapper.named_parameters() if p.requires_grad and n not in skip)
+                elements += sum(p.numel() for n, p in wrapper.named_parameters() if p.requires_grad)
         per_layer.append(elements * dtype_bytes)
     layers = max(per_layer, default=0) if activation_checkpointing else sum(per_layer)
     output = getattr(model, "output", None)

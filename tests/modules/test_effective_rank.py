@@ -32,7 +32,7 @@ def test_effective_rank_matches_svd_on_rank_deficient_matrices():
         assert abs(effective_rank(m) - _svd_effective_rank(m)) <= 1e-4 * _svd_effective_rank(m)
 
 
-def test_merge_records_effective_rank_of_each_change():
+def test_fold_records_effective_rank_of_each_change():
     model = build_tiny("llama3_gqa")
     settings = ApexSettings(ratio=0.25, delta=True, tuned_ratio_heads=0.5, tuned_ratio_channels=0.6)
     apply_apex(model, settings)

@@ -1,5 +1,5 @@
 """Expansion wrappers: exact identity at init, the column/row formulas against a
-hand-built dense reference, merge/fuse equivalence, gradients, adapter params."""
+hand-built dense reference, fold/unwrap equivalence, gradients, adapter params."""
 
 import copy
 
@@ -65,7 +65,7 @@ def test_identity_at_init(kind, delta, make_tiny, tokens, random_selection_fn):
 
 @pytest.mark.parametrize("delta", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_and_fuse_keep_outputs(kind, delta, make_tiny, tokens, random_selection_fn, perturb_apex_fn, rel_diff_fn):
+def test_fold_and_unwrap_keep_outputs(kind, delta, make_tiny, tokens, random_selection_fn, perturb_apex_fn, rel_diff_fn):
     base = make_tiny(kind)
     base_state = {k: v.shape for k, v in base.state_dict().items()}
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_merge_and_fuse_keep_outputs(kind, delta, make_tiny, tokens, random_sele
         wrapped_out = model(tokens)
     assert rel_diff_fn(wrapped_out, base_out) > 1e-2, "perturbing the APEX parameters must change the outputs"
 
-    # Stage boundary: fold in, reset operators, same function.
+    # Stage boundary: fold in place, reset operators, same function.
     fold_apex_(model, seed=5)
     with torch.no_grad():
         merged_out = model(tokens)
@@ -89,9 +89,9 @@ def test_merge_and_fuse_keep_outputs(kind, delta, make_tiny, tokens, random_sele
         elif leaf in ("a", "b"):
             assert torch.equal(param, torch.ones_like(param)), name
     changed = [k for k, v in base.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
-    assert changed, "merge must write W' into the base weights"
+    assert changed, "fold_apex_ must write W' into the base weights"
 
-    # Train a bit more (perturb again), then fuse into a plain model.
+    # Train a bit more (perturb again), then unwrap into the plain model.
     perturb_apex_fn(model, seed=6)
     with torch.no_grad():
         wrapped_out = model(tokens)

@@ -236,7 +236,7 @@ def test_fusion_error_per_stage_is_bounded_and_does_not_pile_up(tokens, capsys):
 
 # ----------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_saved_state_fuses_to_a_plain_model(dtype, tokens):
+def test_saved_state_unwraps_to_a_plain_model(dtype, tokens):
     """A wrapped QAPEX state dict (dequantized weights, frozen stages) rebuilt on the meta
     device fuses to the plain model: same keys, shapes and dtype as the base, loadable
     into the plain architecture, and it computes the wrapped model."""

@@ -180,7 +180,7 @@ def test_bad_unit_ratios(kwargs, field):
         ApexSettings(**kwargs)
 
 
-def test_heads_off_trains_fuses_and_ranks(make_tiny, tokens):
+def test_heads_off_trains_unwraps_and_ranks(make_tiny, tokens):
     """With heads off the attention stays plain; selection, ranking, merge and fusion work."""
     model = make_tiny("llama3_gqa")  # 2 KV groups
     reference = make_tiny("llama3_gqa")
@@ -250,7 +250,7 @@ def test_recipe_with_heads_off(tmp_path):
     """`tune run apex_finetune` with apex.ratio_heads=0: attention weights come back untouched."""
     import json
 
-    from test_recipe import hf_weights, tune_run
+    from recipe_runs import hf_weights, tune_run
     from apex_tune.dev.tiny import make_tiny_assets
 
     assets = tmp_path / "assets"
