@@ -170,6 +170,7 @@ class _ApexLinear(nn.Module, AdapterModule):
         expansion: Optional[ApexExpansion],
         delta: bool,
         history: Optional[Tuple[nn.Module, str]] = None,
+        merged_stages: bool = False,
     ):
         super().__init__()
         self.in_features = base.in_features
@@ -183,8 +184,12 @@ class _ApexLinear(nn.Module, AdapterModule):
             self.bias.requires_grad_(False)
         # Not registered as children: the owning attention/FFN module holds them.
         self._expansion = [expansion] if expansion is not None else []
-        # Over a quantized base: the owner's frozen stages and this wrapper's key in them.
+        # Over a quantized base, which is never rewritten, the finished stages are kept
+        # either as the owner's frozen operator stages (without the delta: ``history``,
+        # the owner's ApexHistory and this wrapper's key in it) or as one merged
+        # correction of this wrapper (with the delta: ``merged_stages``).
         self._history, self._history_key = ([history[0]], history[1]) if history is not None else (None, None)
+        self.apex_history = MergedStages(dim, base.bias is not None and dim == 0) if merged_stages else None
         device = base.weight.device
         self.register_buffer(
             "positions",
@@ -235,27 +240,29 @@ class _ApexLinear(nn.Module, AdapterModule):
                 unit_positions(stage.units, self.group, self.width),
                 stage.operators() if self.expansion is not None else None,
                 stage.parts[self._history_key].b,
-                stage.parts[self._history_key].delta,
+                None,  # stages are frozen as operators only without the delta
             )
             for stage in self._history[0]
         ]
 
     @torch.no_grad()
     def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        """Full W' (frozen stages, delta and operators folded in, from the dequantized
+        """Full W' (finished stages, delta and operators folded in, from the dequantized
         base; nothing is written), the folded bias (None without one), and the change
         of the live stage's tuned slice, W'_T - W_T, in fp32. Computed in fp32 and
         cast once into the base dtype."""
-        weight = dequantized(self.weight)
-        folded_weight = weight.float()
-        folded_bias = _fp32(self.bias)
-        for stage in self.frozen_stages() + [self.live_stage()]:
-            folded_weight, folded_bias = self.fold_stage(folded_weight, folded_bias, stage.full_fp32())
-        positions = self.positions
-        change = folded_weight.index_select(self.dim, positions) - weight.index_select(self.dim, positions).float()
-        if folded_bias is not None:
-            folded_bias = folded_bias.to(self.bias.dtype)
-        return folded_weight.to(weight.dtype), folded_bias, change
+        weight, bias, change = self._folded_fp32()
+        return weight.to(self.weight.dtype), None if bias is None else bias.to(self.bias.dtype), change
+
+    def _folded_fp32(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        weight, bias = dequantized(self.weight).float(), _fp32(self.bias)
+        for stage in self.frozen_stages():
+            weight, bias = self.fold_stage(weight, bias, stage.full_fp32())
+        if self.apex_history is not None:
+            weight, bias = self.apex_history.added_to(weight, bias)
+        before = weight.index_select(self.dim, self.positions)
+        weight, bias = self.fold_stage(weight, bias, self.live_stage().full_fp32())
+        return weight, bias, weight.index_select(self.dim, self.positions) - before
 
     def fold_stage(self, weight, bias, stage: "Stage") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One stage folded into full ``weight``/``bias`` (bias None without one)."""
@@ -265,13 +272,18 @@ class _ApexLinear(nn.Module, AdapterModule):
     def fold_(self) -> torch.Tensor:
         """Stage boundary: write W' into ``weight``/``bias``; the wrapper then computes
         the same function only after :meth:`reset_parameters`. Returns the tuned
-        slice's change (see :meth:`folded`). A quantized base is never rewritten:
-        its stages are frozen instead (:func:`~apex_tune.modules.model.fold_apex_`)."""
+        slice's change (see :meth:`folded`). A quantized base is never rewritten: the
+        stage goes into the merged correction (with the delta), or the owner freezes
+        its operators (:func:`~apex_tune.modules.model.fold_apex_`)."""
         if self._history is not None:
             raise RuntimeError(
                 "a wrapper over an NF4 base is not folded on its own: fold_apex_ freezes the "
                 "stage into apex_history, unwrap_apex folds everything into a plain weight"
             )
+        if self.apex_history is not None:
+            weight, bias, change = self._folded_fp32()
+            self.apex_history.set_(weight, bias, dequantized(self.weight), self.bias, self.positions)
+            return change
         weight, bias, change = self.folded()
         assign_(self.weight, weight)
         if bias is not None:
@@ -300,6 +312,64 @@ def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else full_value(t).float()
 
 
+class MergedStages(nn.Module):
+    """The finished stages of a wrapper over a base that is never rewritten (NF4), as one
+    correction: W_T - W_0 on the rows (column wrappers) or columns (row wrappers) that
+    any stage changed (``positions``, sorted), in fp32, and the bias change (column
+    wrappers with a bias). W_T - W_0 is zero elsewhere, so the wrapper adds one slice
+    matmul however many stages there were, and keeps at most one weight's worth.
+
+    Empty (no parameters) until the first stage is folded in, so a fresh run's
+    state dict is the base's; :meth:`resize_` makes room for a saved state's.
+    """
+
+    def __init__(self, dim: int, bias: bool):
+        super().__init__()
+        self.dim, self.has_bias = dim, bias
+        for name in ("positions", "weight", "bias"):
+            self.register_parameter(name, None)
+
+    @property
+    def empty(self) -> bool:
+        return self.positions is None
+
+    @torch.no_grad()
+    def resize_(self, count: int, like: nn.Module) -> None:
+        """Uninitialised parameters for ``count`` positions of the wrapper ``like`` (values to be loaded)."""
+        other = like.in_features if self.dim == 0 else like.out_features
+        shape = (count, other) if self.dim == 0 else (other, count)
+        device = like.positions.device
+        self._set(torch.empty(count, dtype=torch.int64, device=device),
+                  torch.empty(shape, dtype=APEX_PARAM_DTYPE, device=device),
+                  torch.empty(count, dtype=APEX_PARAM_DTYPE, device=device) if self.has_bias else None)
+
+    def _set(self, positions, weight, bias) -> None:
+        self.positions = nn.Parameter(positions, requires_grad=False)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @torch.no_grad()
+    def set_(self, weight, bias, base_weight, base_bias, live_positions) -> None:
+        """Fold a stage in: ``weight``/``bias`` (fp32) are the wrapper's whole function
+        after it, over ``base_weight``/``base_bias``; the live stage changed ``live_positions``."""
+        positions = live_positions if self.empty else torch.cat([self.positions, live_positions])
+        positions = torch.unique(positions)  # sorted
+        change = weight.index_select(self.dim, positions) - base_weight.float().index_select(self.dim, positions)
+        bias_change = None
+        if self.has_bias:
+            bias_change = bias.index_select(0, positions) - _fp32(base_bias).index_select(0, positions)
+        self._set(positions, change, bias_change)
+
+    def added_to(self, weight, bias) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The full fp32 ``weight``/``bias`` of the base with the correction added."""
+        if self.empty:
+            return weight, bias
+        weight = weight.index_add(self.dim, self.positions, full_value(self.weight).float())
+        if self.bias is not None:
+            bias = bias.index_add(0, self.positions, full_value(self.bias).float())
+        return weight, bias
+
+
 class ApexColumnLinear(_ApexLinear):
     """Wrapper whose units are output rows (q, k, v_proj; FFN w1, w3).
 
@@ -316,8 +386,9 @@ class ApexColumnLinear(_ApexLinear):
         expansion: Optional[ApexExpansion] = None,
         delta: bool = False,
         history: Optional[Tuple[nn.Module, str]] = None,
+        merged_stages: bool = False,
     ):
-        super().__init__(base, num_tuned, 1, width, 0, expansion, delta, history)
+        super().__init__(base, num_tuned, 1, width, 0, expansion, delta, history, merged_stages)
         self.b = (
             nn.Parameter(torch.ones(expansion.n, device=base.weight.device, dtype=APEX_PARAM_DTYPE))
             if expansion is not None
@@ -334,9 +405,13 @@ class ApexColumnLinear(_ApexLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        for stage in self.frozen_stages() + [self.live_stage()]:
+        for stage in self.frozen_stages():
             y = self._apply_stage(x, y, stage)
-        return y
+        merged = self.apex_history
+        if merged is not None and not merged.empty:
+            bias = merged.bias.to(x.dtype) if merged.bias is not None else None
+            y = y.index_add(-1, merged.positions, F.linear(x, merged.weight.to(x.dtype), bias))
+        return self._apply_stage(x, y, self.live_stage())
 
     @staticmethod
     def _apply_stage(x: torch.Tensor, y: torch.Tensor, stage: Stage) -> torch.Tensor:
@@ -381,20 +456,32 @@ class ApexRowLinear(_ApexLinear):
         expansion: ApexExpansion,
         delta: bool = False,
         history: Optional[Tuple[nn.Module, str]] = None,
+        merged_stages: bool = False,
     ):
-        super().__init__(base, num_tuned, group, width, 1, expansion, delta, history)
+        super().__init__(base, num_tuned, group, width, 1, expansion, delta, history, merged_stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        extras = []
-        for stage in [self.live_stage()] + self.frozen_stages()[::-1]:
-            tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
-            if stage.delta is not None:
-                extras.append(F.linear(tuned, stage.delta.to(x.dtype)))
-            x = x.index_copy(-1, stage.positions, tuned)
+        # W_T = W_0 R_1 ... R_t + D (frozen stages, or the merged correction D), then
+        # the live stage: y = W_T (R x) + Delta (R x)_T.
+        x, extra = self._apply_stage(x, self.live_stage())
+        extras = [extra]
+        merged = self.apex_history
+        if merged is not None and not merged.empty:
+            extras.append(F.linear(x.index_select(-1, merged.positions), merged.weight.to(x.dtype)))
+        for stage in reversed(self.frozen_stages()):
+            x, extra = self._apply_stage(x, stage)
+            extras.append(extra)
         y = F.linear(x, self.weight, self.bias)
         for extra in extras:
-            y = y + extra
+            if extra is not None:
+                y = y + extra
         return y
+
+    def _apply_stage(self, x: torch.Tensor, stage: Stage) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One stage on the inputs: ``(R x, Delta (R x)_T or None)``, in ``x``'s dtype."""
+        tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
+        extra = F.linear(tuned, stage.delta.to(x.dtype)) if stage.delta is not None else None
+        return x.index_copy(-1, stage.positions, tuned), extra
 
     def fold_stage(self, weight, bias, stage: Stage):
         columns = weight.index_select(1, stage.positions)

@@ -64,15 +64,19 @@ def apply_apex(
             tuned = 2 * expanded + settings.extra_units(layer.num_units(kind), kind)
             width = hd if kind == HEADS else 1
             expansion = owner.apex_expansion = ApexExpansion(expanded, tuned - 2 * expanded, width, device=device)
-            # Over an NF4 base the wrappers also apply the owner's frozen stages.
-            history = ApexHistory() if settings.quantize_base else None
+            # Over an NF4 base, never rewritten, the wrappers also apply the finished stages:
+            # with the delta each as one merged correction, without it the owner's frozen
+            # operator stages (see apex_tune.modules.nf4).
+            merged = settings.quantize_base and settings.delta
+            history = ApexHistory() if settings.quantize_base and not merged else None
             if history is not None:
                 owner.apex_history = history
 
             def wrap(name, cls, *args, mixes=True):
                 frozen = (history, name) if history is not None else None
                 base = _linear(getattr(owner, name))
-                setattr(owner, name, cls(base, tuned, *args, expansion if mixes else None, settings.delta, frozen))
+                wrapper = cls(base, tuned, *args, expansion if mixes else None, settings.delta, frozen, merged)
+                setattr(owner, name, wrapper)
 
             if kind == HEADS:
                 if settings.delta:  # q and k: the delta only, on the heads' rows
@@ -193,8 +197,9 @@ def fold_apex_(model: nn.Module, seed: int = 0, effective_ranks: bool = False) -
     """Stage boundary: fold W' (with delta) into the base weights, then reset the operators.
 
     The model keeps its wrappers and computes the same function before and after.
-    Over a quantized base the fold is deferred instead: the stage's operators
-    are frozen into the layer's ``apex_history`` (see :mod:`apex_tune.modules.nf4`).
+    Over a quantized base the NF4 weights are never rewritten: with the delta each
+    wrapper folds the stage into its merged correction, without it the stage's
+    operators are frozen into the layer's ``apex_history`` (see :mod:`apex_tune.modules.nf4`).
 
     With ``effective_ranks``, returns per layer {projection name: effective rank of
     its change over the stage, W' - W} (see :mod:`apex_tune.modules.effective_rank`);
@@ -210,7 +215,7 @@ def fold_apex_(model: nn.Module, seed: int = 0, effective_ranks: bool = False) -
                 continue
             for name, wrapper in layer.named_wrappers(kind):
                 change = wrapper.fold_()
-                if effective_ranks:
+                if effective_ranks and wrapper.apex_history is None:
                     layer_ranks[name] = effective_rank(change)
         ranks.append(layer_ranks)
     reset_apex_parameters(model, seed)

@@ -23,13 +23,23 @@ costs ~16 bits per changed weight, and APEX changes K units per stage in five
 of seven projections (about 19-38% of those weights per stage): more than the
 4-bit base itself after one stage.
 
-So a stage boundary (:func:`~apex_tune.modules.model.fold_apex_`) freezes the stage's
-operators instead: M's factors, ``a``, the unit ids, and each wrapper's ``b``
-and delta are copied into the layer's ``apex_history`` (an
-:class:`ApexHistory`), and the live operators start again from M = 0. The
-wrappers apply the frozen stages in order, then the live one; the NF4 base is
-never rewritten. A frozen stage costs what its operators cost (about 0.1% of
-the parameters without the delta), so T stages cost T times that. The plain
+So a stage boundary (:func:`~apex_tune.modules.model.fold_apex_`) never rewrites
+the NF4 base; the finished stages are kept in high precision, in the cheaper of
+two forms:
+
+- without the delta, as frozen operators: M's factors, ``a``, the unit ids and
+  each wrapper's ``b`` are copied into the layer's ``apex_history`` (an
+  :class:`ApexHistory`), about 0.1% of the parameters per stage; the wrappers
+  apply the frozen stages in order, then the live one (a gather, a Monarch on
+  the tokens and a scatter per stage).
+- with the delta, as one merged correction per wrapper
+  (:class:`~apex_tune.modules.expansion.MergedStages`, ``<wrapper>.apex_history``):
+  W_T - W_0 on the rows/columns any stage changed, in fp32. A stage's delta
+  already costs that much per stage; merged, T stages cost at most the union of
+  their tuned slices (at most one fp32 weight) and one slice matmul, instead of
+  T deltas and T matmuls, gathers and Monarchs.
+
+Either way the live operators start again from M = 0. The plain
 model is folded once, in fp32, from the dequantized base
 (:func:`~apex_tune.modules.model.unwrap_apex`, used by the recipe's checkpoints): the
 fused model equals the wrapped one up to fp32 rounding after every stage, so
@@ -60,7 +70,7 @@ from torchao.dtypes.nf4tensor import to_nf4
 from torchtune import training
 
 from apex_tune.modules._dtensor import dequantized, full_value, is_nf4
-from apex_tune.modules.expansion import ApexExpansion, Operators, _ApexLinear
+from apex_tune.modules.expansion import ApexExpansion, MergedStages, Operators, _ApexLinear
 from apex_tune.modules.geometry import HISTORY, KINDS, PROJECTIONS, ApexLayer, param_kind, wrapped_layers
 
 __all__ = ["HISTORY", "dequantized", "is_nf4"]  # re-exported: where QAPEX callers look for them
@@ -71,18 +81,19 @@ NF4_SCALER_BLOCK_SIZE = 256
 
 # --------------------------------------------------------------- frozen stages
 class _FrozenParts(nn.Module):
-    """One wrapper's own frozen operators of a stage: ``b`` (v, w1, w3) and the delta."""
+    """One wrapper's own frozen operators of a stage: ``b`` (v, w1, w3; stages are frozen
+    this way only without the delta)."""
 
     def __init__(self, wrapper: _ApexLinear, device: torch.device, values: bool):
         super().__init__()
-        for name in ("b", "delta"):
+        for name in ("b",):
             live = getattr(wrapper, name, None)
             self.register_parameter(name, None if live is None else _frozen_like(live, device, values))
 
 
 class ApexFrozenStage(nn.Module):
     """A finished stage of one expansion pair: M's factors, ``a``, the unit ids
-    ``[N, P, E]`` and each wrapper's ``b``/delta, all frozen, in the live dtype."""
+    ``[N, P, E]`` and each wrapper's ``b``, all frozen, in the live dtype."""
 
     def __init__(
         self, expansion: ApexExpansion, wrappers: Dict[str, _ApexLinear], device: torch.device, values: bool
@@ -159,23 +170,42 @@ def _state_dict_name(name: str) -> str:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, ApexHistory) for m in model.modules())
+    return any(isinstance(m, (ApexHistory, MergedStages)) for m in model.modules())
 
 
 def ensure_history_(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """Give a quantized wrapped model as many frozen stages as ``state_dict`` holds,
-    so that it loads (resume; rebuilding a saved wrapped model). A no-op otherwise."""
-    names = {id(m): name for name, m in model.named_modules()}
+    """Give a quantized wrapped model the frozen stages and merged corrections of the
+    sizes ``state_dict`` holds, so that it loads (resume; rebuilding a saved wrapped
+    model). A no-op otherwise."""
+    names = {id(m): _state_dict_name(name) for name, m in model.named_modules()}
     for layer in wrapped_layers(model):
         for kind in KINDS:
             history = layer.history(kind)
-            if history is None:
-                continue
-            prefix = f"{_state_dict_name(names[id(history)])}."
-            stages = {int(k[len(prefix):].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
-            if stages and stages != set(range(max(stages) + 1)):
-                raise ValueError(f"{prefix}: the state has stages {sorted(stages)}, not 0..{max(stages)}")
-            history.grow_(len(stages), layer.expansion(kind), dict(layer.named_wrappers(kind)))
+            if history is not None:
+                prefix = f"{names[id(history)]}."
+                stages = {int(k[len(prefix):].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
+                if stages and stages != set(range(max(stages) + 1)):
+                    raise ValueError(f"{prefix}: the state has stages {sorted(stages)}, not 0..{max(stages)}")
+                history.grow_(len(stages), layer.expansion(kind), dict(layer.named_wrappers(kind)))
+            for wrapper in layer.wrappers(kind):
+                key = f"{names[id(wrapper)]}.apex_history.positions"
+                if wrapper.apex_history is not None and key in state_dict:
+                    wrapper.apex_history.resize_(len(state_dict[key]), wrapper)
+
+
+def grow_history_(model: nn.Module, stages: int) -> None:
+    """The most finished-stage state a quantized model holds after ``stages`` stages (meta
+    device; for memory plans): that many frozen stages, or merged corrections over
+    ``stages`` tuned slices (at most the whole weight)."""
+    for layer in wrapped_layers(model):
+        for kind in KINDS:
+            history = layer.history(kind)
+            if history is not None:
+                history.grow_(stages, layer.expansion(kind), dict(layer.named_wrappers(kind)))
+            for wrapper in layer.wrappers(kind):
+                if wrapper.apex_history is not None:
+                    size = wrapper.weight.shape[wrapper.dim]
+                    wrapper.apex_history.resize_(min(stages * len(wrapper.positions), size), wrapper)
 
 
 # ---------------------------------------------------------- sharding and loading

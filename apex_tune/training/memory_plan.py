@@ -30,6 +30,7 @@ from torchtune.modules import TransformerSelfAttentionLayer
 
 from apex_tune.modules.geometry import CHANNELS, HEADS, KINDS, find_apex_layers, param_kind, wrapped_layers
 from apex_tune.modules.config import ApexSettings
+from apex_tune.modules.nf4 import grow_history_
 
 GIB = 1024**3
 FP32 = 4
@@ -60,16 +61,6 @@ def _shard_elements(shape, world_size: int) -> int:
         return 1
     rest = math.prod(shape[1:])
     return math.ceil(shape[0] / world_size) * rest
-
-
-def add_frozen_stages_(model: nn.Module, count: int) -> None:
-    """Over a quantized base: give every layer ``count`` frozen stages (meta device), the
-    most it holds (T - 1 at the last stage), so they are counted."""
-    for layer in wrapped_layers(model):
-        for kind in KINDS:
-            history = layer.history(kind)
-            if history is not None:
-                history.grow_(count, layer.expansion(kind), dict(layer.named_wrappers(kind)))
 
 
 def _fsdp_units(model: nn.Module):
@@ -195,7 +186,7 @@ def memory_plan(
             f"optimizer._component_={optimizer}: no memory plan for it; known: {', '.join(OPTIMIZER_STATE_BYTES)}"
         )
     if settings.quantize_base and num_stages > 1:
-        add_frozen_stages_(model, num_stages - 1)
+        grow_history_(model, num_stages - 1)  # the most it holds: T - 1 at the last stage
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
 
     items = {k: 0 for k in ("frozen_base_sharded", "frozen_base_replicated", "frozen_stages_replicated",
