@@ -160,22 +160,24 @@ class _ApexLinear(nn.Module, AdapterModule):
     """Common state of the wrappers: the base linear's parameters, the tuned
     positions and the optional zero-initialised dense delta on them."""
 
+    dim: int  # the weight dimension the units run along: 0 (rows) or 1 (columns)
+
     def __init__(
         self,
         base: nn.Linear,
         num_tuned: int,
         group: int,
         width: int,
-        dim: int,
         expansion: Optional[ApexExpansion],
-        delta: bool,
+        delta: bool = False,
         history: Optional[Tuple[nn.Module, str]] = None,
         merged_stages: bool = False,
     ):
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.group, self.width, self.dim = group, width, dim
+        self.group, self.width = group, width
+        dim = self.dim
         # Same Parameter objects as the base layer: names and checkpoints unchanged.
         self.weight = base.weight
         self.bias = base.bias
@@ -293,12 +295,19 @@ class _ApexLinear(nn.Module, AdapterModule):
     @torch.no_grad()
     def unwrap(self) -> nn.Linear:
         """The plain linear computing what this wrapper computes (everything folded,
-        a quantized base dequantized)."""
-        weight, bias, _ = self.folded()
+        a quantized base dequantized). Over a plain base it keeps the (possibly
+        sharded) ``weight``/``bias`` parameters, folded in place."""
+        if self._history is None and self.apex_history is None:
+            self.fold_()
+            weight, bias = self.weight, self.bias
+        else:
+            weight, bias, _ = self.folded()
+            weight = nn.Parameter(weight, requires_grad=False)
+            bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.weight = weight
         if bias is not None:
-            linear.bias = nn.Parameter(bias, requires_grad=False)
+            linear.bias = bias
         return linear
 
     def extra_repr(self) -> str:
@@ -378,6 +387,8 @@ class ApexColumnLinear(_ApexLinear):
     the delta to the tuned rows.
     """
 
+    dim = 0
+
     def __init__(
         self,
         base: nn.Linear,
@@ -388,7 +399,7 @@ class ApexColumnLinear(_ApexLinear):
         history: Optional[Tuple[nn.Module, str]] = None,
         merged_stages: bool = False,
     ):
-        super().__init__(base, num_tuned, 1, width, 0, expansion, delta, history, merged_stages)
+        super().__init__(base, num_tuned, 1, width, expansion, delta, history, merged_stages)
         self.b = (
             nn.Parameter(torch.ones(expansion.n, device=base.weight.device, dtype=APEX_PARAM_DTYPE))
             if expansion is not None
@@ -447,18 +458,7 @@ class ApexRowLinear(_ApexLinear):
     the inputs too, newest first: y = W0 (R_1 ... R_t x) + the deltas' terms.
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        num_tuned: int,
-        group: int,
-        width: int,
-        expansion: ApexExpansion,
-        delta: bool = False,
-        history: Optional[Tuple[nn.Module, str]] = None,
-        merged_stages: bool = False,
-    ):
-        super().__init__(base, num_tuned, group, width, 1, expansion, delta, history, merged_stages)
+    dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # W_T = W_0 R_1 ... R_t + D (frozen stages, or the merged correction D), then

@@ -131,6 +131,25 @@ def activation_bytes(
     return {"decoder_layers": int(layers), "logits_and_loss": int(logits)}
 
 
+def saved_bytes_of_forward(model: nn.Module, *inputs) -> int:
+    """Measured: bytes of the distinct storages autograd saves in one forward of
+    ``model(*inputs)`` (parameters excluded), what :func:`activation_bytes` estimates.
+    A tensor subclass (an NF4 weight) is a parameter, counted by its storages elsewhere."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters() if not hasattr(p, "__tensor_flatten__")}
+    saved = {}
+
+    def pack(t):
+        if not hasattr(t, "__tensor_flatten__"):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return sum(saved.values())
+
+
 def parameter_copy_bytes(model: nn.Module, dtype_bytes: int, activation_checkpointing: bool) -> int:
     """Bytes of the ``dtype`` copies of fp32 trainable parameters that autograd keeps.
 
