@@ -264,7 +264,7 @@ def set_apex_trainable(model: nn.Module, settings: ApexSettings) -> None:
     """Freeze the base model; train only what :func:`apex_trainable_params` names.
 
     With ``train_embeddings`` the token embeddings and output head are stored in
-    fp32 from here on, like the other APEX parameters, and cast to the base dtype
+    fp32 from here on (new modules replace them), like the other APEX parameters, and cast to the base dtype
     where they are used (:func:`_train_embeddings_in_fp32_`). Call it before
     loading weights or sharding (on the meta device, as the recipe does).
     """
@@ -273,23 +273,48 @@ def set_apex_trainable(model: nn.Module, settings: ApexSettings) -> None:
     set_trainable_params(model, apex_trainable_params(model, settings))
 
 
-class _Fp32Embedding(nn.Embedding):
-    """An embedding stored in fp32 whose output is in the model's compute dtype."""
+def _as_parameter(param: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[nn.Parameter]:
+    if param is None:
+        return None
+    return nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
 
-    compute_dtype: torch.dtype
+
+class _Fp32Embedding(nn.Embedding):
+    """An embedding stored in fp32 whose output is in the model's compute dtype (that of
+    the plain embedding it replaces)."""
+
+    def __init__(self, plain: nn.Embedding):
+        super().__init__(plain.num_embeddings, plain.embedding_dim, plain.padding_idx, plain.max_norm,
+                         plain.norm_type, plain.scale_grad_by_freq, plain.sparse, device="meta")
+        self.weight = _as_parameter(plain.weight, APEX_PARAM_DTYPE)
+        self.compute_dtype = plain.weight.dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return super().forward(tokens).to(self.compute_dtype)
+
+    def plain(self) -> nn.Embedding:
+        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm,
+                                 self.norm_type, self.scale_grad_by_freq, self.sparse, device="meta")
+        embedding.weight = _as_parameter(self.weight, self.compute_dtype)
+        return embedding
 
 
 class _Fp32Linear(nn.Linear):
     """An output head stored in fp32, applied in its input's dtype."""
 
-    compute_dtype: torch.dtype
+    def __init__(self, plain: nn.Linear):
+        super().__init__(plain.in_features, plain.out_features, bias=plain.bias is not None, device="meta")
+        self.weight, self.bias = _as_parameter(plain.weight, APEX_PARAM_DTYPE), _as_parameter(plain.bias, APEX_PARAM_DTYPE)
+        self.compute_dtype = plain.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def plain(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = _as_parameter(self.weight, self.compute_dtype), _as_parameter(self.bias, self.compute_dtype)
+        return linear
 
 
 class _CastingTiedLinearFunction(TiedLinearFunction):
@@ -299,50 +324,30 @@ class _CastingTiedLinearFunction(TiedLinearFunction):
         return F.linear(x, weight.to(x.dtype))
 
 
-def _upcast_parameter_(module: nn.Module, name: str) -> None:
-    param = getattr(module, name)
-    if param is not None and param.dtype != APEX_PARAM_DTYPE:
-        module.register_parameter(
-            name, nn.Parameter(param.detach().to(APEX_PARAM_DTYPE), requires_grad=param.requires_grad)
-        )
-
-
 @torch.no_grad()
 def _train_embeddings_in_fp32_(model: nn.Module) -> None:
-    """Store ``tok_embeddings`` and ``output`` in fp32, computing in the base dtype, in place."""
+    """Replace ``tok_embeddings`` and ``output`` by fp32-stored modules computing in the base dtype."""
     embedding, output = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
     if isinstance(embedding, nn.Embedding) and not isinstance(embedding, _Fp32Embedding):
-        dtype = embedding.weight.dtype
-        _upcast_parameter_(embedding, "weight")
-        embedding.__class__ = _Fp32Embedding
-        embedding.compute_dtype = dtype
+        model.tok_embeddings = _Fp32Embedding(embedding)
     if isinstance(output, nn.Linear) and not isinstance(output, _Fp32Linear):
-        dtype = output.weight.dtype
-        _upcast_parameter_(output, "weight")
-        _upcast_parameter_(output, "bias")
-        output.__class__ = _Fp32Linear
-        output.compute_dtype = dtype
-    elif isinstance(output, TiedLinear):  # reads tok_embeddings.weight, now fp32
-        output.linear.__class__ = _CastingTiedLinearFunction
+        model.output = _Fp32Linear(output)
+    elif isinstance(output, TiedLinear) and output.tied_module is embedding:  # reads tok_embeddings.weight
+        output.tied_module = model.tok_embeddings
+        output.linear = _CastingTiedLinearFunction()
 
 
 @torch.no_grad()
 def _restore_embedding_dtypes_(model: nn.Module) -> None:
     """Undo :func:`_train_embeddings_in_fp32_`: plain modules holding the compute dtype."""
-    for name, plain in (("tok_embeddings", nn.Embedding), ("output", nn.Linear)):
-        module = getattr(model, name, None)
-        if isinstance(module, (_Fp32Embedding, _Fp32Linear)):
-            for param_name in ("weight", "bias"):
-                param = getattr(module, param_name, None)
-                if param is not None:
-                    module.register_parameter(
-                        param_name,
-                        nn.Parameter(param.detach().to(module.compute_dtype), requires_grad=param.requires_grad),
-                    )
-            module.__class__ = plain
-    output = getattr(model, "output", None)
-    if isinstance(output, TiedLinear) and isinstance(output.linear, _CastingTiedLinearFunction):
-        output.linear.__class__ = TiedLinearFunction
+    embedding, output = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    if isinstance(embedding, _Fp32Embedding):
+        model.tok_embeddings = embedding.plain()
+    if isinstance(output, _Fp32Linear):
+        model.output = output.plain()
+    elif isinstance(output, TiedLinear) and output.tied_module is embedding:
+        output.tied_module = model.tok_embeddings
+        output.linear = TiedLinearFunction()
 
 
 def _storage(param: torch.Tensor) -> tuple:
