@@ -1,4 +1,4 @@
-"""Read and write parameters whole, whether plain tensors or FSDP2 shards.
+"""Read and write parameters whole, whether plain tensors, FSDP2 shards or NF4 weights.
 
 Fusion and operator resets happen outside forward, where FSDP2 parameters are
 sharded DTensors. Every rank computes the same full value, then keeps its shard.
