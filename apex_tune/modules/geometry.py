@@ -14,11 +14,12 @@ from typing import Iterator, List, Optional, Tuple
 from torch import nn
 from torchtune.modules import FeedForward, MultiHeadAttention
 
+from apex_tune.modules.config import UNIT_KINDS
 from apex_tune.modules.expansion import ApexExpansion, _ApexLinear
 
-HEADS, CHANNELS = "heads", "channels"
-# The two kinds of units, in the order every per-kind loop visits them.
-KINDS = (HEADS, CHANNELS)
+# The two kinds of units (the config's), in the order every per-kind loop visits them.
+KINDS = UNIT_KINDS
+HEADS, CHANNELS = KINDS
 # Per kind: the attribute holding the projections, and their names.
 PROJECTIONS = {HEADS: ("attn", ("q_proj", "k_proj", "v_proj", "output_proj")), CHANNELS: ("mlp", ("w1", "w3", "w2"))}
 EMBEDDING_PARAMS = ("tok_embeddings.weight", "output.weight")
