@@ -321,6 +321,14 @@ def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else full_value(t).float()
 
 
+def _replaced(t: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``t`` with the entries at ``positions`` of its last dim replaced by ``values``.
+    Autograd keeps only the index for backward (``index_copy`` would also keep ``values``)."""
+    out = t.clone()
+    out[..., positions] = values
+    return out
+
+
 class MergedStages(nn.Module):
     """The finished stages of a wrapper over a base that is never rewritten (NF4), as one
     correction: W_T - W_0 on the rows (column wrappers) or columns (row wrappers) that
@@ -435,7 +443,7 @@ class ApexColumnLinear(_ApexLinear):
             tuned = tuned + F.linear(x, stage.delta.to(x.dtype))
         if stage.ops is not None:
             tuned = mix(tuned, stage.ops, stage.b)
-        return y.index_copy(-1, stage.positions, tuned)
+        return _replaced(y, stage.positions, tuned)
 
     def fold_stage(self, weight, bias, stage: Stage):
         rows = weight.index_select(0, stage.positions)
@@ -481,7 +489,7 @@ class ApexRowLinear(_ApexLinear):
         """One stage on the inputs: ``(R x, Delta (R x)_T or None)``, in ``x``'s dtype."""
         tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
         extra = F.linear(tuned, stage.delta.to(x.dtype)) if stage.delta is not None else None
-        return x.index_copy(-1, stage.positions, tuned), extra
+        return _replaced(x, stage.positions, tuned), extra
 
     def fold_stage(self, weight, bias, stage: Stage):
         columns = weight.index_select(1, stage.positions)

@@ -102,12 +102,14 @@ def activation_bytes(
     r_h / r_c: the tuned fraction of head units / channels (2K, P and N, without the delta). Per layer and token, in
     ``dtype`` elements: the frozen base's q, k and v (torchtune expands K/V to every
     query head), attention output and FFN w1, w3, gate outputs, 4h + 3i (frozen
-    projections keep no inputs); APEX's gathered slices, the column wrappers'
-    r_h 2kv + K_h kv + 4 r_c i + 2 K_c i and the row wrappers' (output_proj, w2: the
-    gathered and the mixed tuned inputs, the Monarch's two intermediates on N)
-    2 (r_h + K_h) h + 2 (r_c + K_c) i; with the delta also the normed inputs and q/k
-    sums, 2h + r_h (h + kv); plus both norms' inputs in fp32 (8h bytes). No weight
-    slices: the row wrappers act on their inputs.
+    projections keep no inputs); APEX's gathered slices, the column wrappers' (v, w1,
+    w3: the tuned outputs and the Monarch's intermediates) r_h kv + K_h kv + 2 r_c i +
+    2 K_c i and the row wrappers' (output_proj, w2: the gathered tuned inputs and the
+    Monarch's two intermediates on N) (r_h + 2 K_h) h + (r_c + 2 K_c) i; with the delta
+    also the normed inputs and the row wrappers' mixed inputs, 2h + r_h h + r_c i; plus
+    both norms' inputs in fp32 (8h bytes). No weight slices (the row wrappers act on
+    their inputs) and no scattered copies (the wrappers write the tuned entries back
+    keeping only their index).
 
     Without activation checkpointing every layer keeps all of it; with it (one
     checkpoint per layer) each keeps its input (h per token) and one layer at a time
@@ -117,10 +119,10 @@ def activation_bytes(
     """
     h, kv, i, K_h, K_c = embed_dim, kv_dim, intermediate_dim, ratio_heads, ratio_channels
     per_token = 4 * h + 3 * i
-    per_token += tuned_heads * 2 * kv + K_h * kv + 4 * tuned_channels * i + 2 * K_c * i
-    per_token += 2 * (tuned_heads + K_h) * h + 2 * (tuned_channels + K_c) * i
+    per_token += tuned_heads * kv + K_h * kv + 2 * tuned_channels * i + 2 * K_c * i
+    per_token += (tuned_heads + 2 * K_h) * h + (tuned_channels + 2 * K_c) * i
     if delta:
-        per_token += 2 * h + tuned_heads * (h + kv)
+        per_token += 2 * h + tuned_heads * h + tuned_channels * i
     layer = round(tokens * (per_token * dtype_bytes + 2 * h * FP32))
     if activation_checkpointing:
         layers = num_layers * tokens * h * dtype_bytes + layer
