@@ -4,8 +4,8 @@ APEX never trains the base weights, so like QLoRA it can keep them in NF4
 (``apex.quantize_base: true``). When :func:`~apex_tune.modules.model.apply_apex`
 wraps the model, :func:`quantize_projections_` stores the weight of every layer's
 seven projections (q, k, v, output_proj, w1, w3, w2) as a torchao ``NF4Tensor``, as
-torchtune's QLoRA builders do, and the wrappers are built over it with the
-owner's :class:`ApexHistory`; ``F.linear`` on an NF4 weight dequantizes on the fly
+torchtune's QLoRA builders do, and the wrappers are built over it, knowing where
+finished stages go (below); ``F.linear`` on an NF4 weight dequantizes on the fly
 (torchao's ``linear_nf4``), saving only the 4-bit weight for backward.
 
 The wrappers are the same classes as over a plain base: they only read the
@@ -52,14 +52,14 @@ FSDP2 cannot shard NF4 weights with torch 2.13 and torchao 0.15: its
 world-size-1 fast path all-gathers only the first of the NF4 tensor's three
 inner tensors, and the multi-rank path fails on the same unpacking
 (torchtune's own QLoRA sharding fails the same way here). :func:`shard_model`
-therefore leaves the NF4 weights (and the frozen stages) out of FSDP
+therefore leaves the NF4 weights (and the finished stages) out of FSDP
 (``ignored_params``): every rank keeps the whole 4-bit base, as in a
 single-device QLoRA run, and FSDP shards what trains.
 :func:`load_from_full_model_state_dict` quantizes those weights as it loads
 them, one tensor at a time, so the full-precision model is never resident.
 """
 
-from typing import Dict, Sequence
+from typing import Dict
 
 import torch
 from torch import nn
@@ -69,11 +69,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 from torchao.dtypes.nf4tensor import to_nf4
 from torchtune import training
 
-from apex_tune.modules._dtensor import dequantized, full_value, is_nf4
+from apex_tune.modules._dtensor import full_value, is_nf4
 from apex_tune.modules.expansion import ApexExpansion, MergedStages, Operators, _ApexLinear
 from apex_tune.modules.geometry import HISTORY, KINDS, PROJECTIONS, ApexLayer, param_kind, wrapped_layers
-
-__all__ = ["HISTORY", "dequantized", "is_nf4"]  # re-exported: where QAPEX callers look for them
 
 NF4_BLOCK_SIZE = 64
 NF4_SCALER_BLOCK_SIZE = 256
