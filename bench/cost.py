@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchtune.models.llama3 import llama3
 
-from apex_tune import MonarchMatrix
+from apex_tune import MonarchMatrix, fold_apex_
 from bench.common import (
     MODEL,
     RESULTS_DIR,
@@ -34,7 +34,6 @@ from bench.common import (
     log,
     lora_model,
     lora_params_per_rank,
-    fold_apex_,
     setup_torch,
     write_json,
 )
