@@ -33,7 +33,9 @@ step of about the learning rate is not rounded away (near 1.0 a bf16 step is
 used (compute in the run dtype); folds are computed in fp32 and cast once
 into the base weight's dtype.
 Index buffers and parameter shapes depend only on the configured sizes, so a
-new selection at a stage boundary changes values, never shapes.
+new selection at a stage boundary changes values, never shapes (the one
+exception, :class:`MergedStages` over an NF4 base, grows with the rows/columns
+the stages changed and lives outside FSDP like the NF4 weights).
 """
 
 from typing import List, NamedTuple, Optional, Tuple
@@ -87,7 +89,8 @@ class Stage(NamedTuple):
     delta: Optional[torch.Tensor]
 
     def full_fp32(self) -> "Stage":
-        return Stage(self.positions, self.ops and self.ops.full_fp32(), _fp32(self.b), _fp32(self.delta))
+        ops = None if self.ops is None else self.ops.full_fp32()
+        return Stage(self.positions, ops, _fp32(self.b), _fp32(self.delta))
 
 
 def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
