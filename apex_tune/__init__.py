@@ -7,16 +7,16 @@ from apex_tune.modules.model import (
     apex_trainable_params,
     apply_apex,
     find_apex_layers,
-    fuse_apex,
+    fold_apex_,
     get_selection,
     init_apex_,
     placeholder_selection,
     random_selection,
-    merge_apex_,
     reset_apex_parameters,
     set_apex_trainable,
     set_selection,
     trainable_parameter_report,
+    unwrap_apex,
 )
 from apex_tune.modules.monarch import MonarchMatrix, monarch_layout
 from apex_tune.modules.ranking import ActivationRanker
@@ -36,12 +36,11 @@ __all__ = [
     "apex_trainable_params",
     "apply_apex",
     "find_apex_layers",
-    "fuse_apex",
+    "fold_apex_",
     "get_selection",
     "init_apex_",
     "placeholder_selection",
     "random_selection",
-    "merge_apex_",
     "monarch_layout",
     "parse_apex_config",
     "reset_apex_parameters",
@@ -49,4 +48,5 @@ __all__ = [
     "set_apex_trainable",
     "set_selection",
     "trainable_parameter_report",
+    "unwrap_apex",
 ]

@@ -32,7 +32,7 @@ from apex_tune import (
     ApexSchedule,
     ApexSettings,
     apply_apex,
-    fuse_apex,
+    unwrap_apex,
     reset_apex_parameters,
     set_apex_trainable,
     set_selection,
@@ -444,7 +444,7 @@ class ApexRun:
                 self.stage_seconds.append(start - stage_start)
                 stage, stage_start = stage + 1, time.perf_counter()
         ranker.detach()
-        fuse_apex(model)
+        unwrap_apex(model)
         return losses
 
 

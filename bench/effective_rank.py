@@ -18,7 +18,7 @@ base's (APEX + delta, as in bench/quality.py):
   boundary (the plain model through torchtune's HF checkpointer plus the resume
   state). The time spent inside the effective-rank computation is timed directly,
   per boundary; reported as a share of that boundary (median over boundaries).
-- ``fusion``: ``merge_apex_`` alone with and without ``effective_ranks=True``,
+- ``fusion``: ``fold_apex_`` alone with and without ``effective_ranks=True``,
   interleaved, median of many repeats, against a training step of the same model.
 
 Writes bench/results/effective_rank.json; ``--cost-only`` reruns the cost part and
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from apex_tune import ApexSettings, apply_apex, merge_apex_, set_apex_trainable, set_selection
+from apex_tune import ApexSettings, apply_apex, fold_apex_, set_apex_trainable, set_selection
 import apex_tune.modules.model
 from apex_tune.dev.tiny import TINY_MODEL, make_tiny_assets, save_hf_llama, tiny_llama3
 from bench.common import MODEL, REPO, RESULTS_DIR, log, setup_torch, write_json
@@ -74,7 +74,7 @@ def measure(build, settings: ApexSettings) -> dict:
                     p.add_(0.01 * torch.randn(p.shape))
         for flag, times in ((True, with_ranks), (False, without)) if i % 2 else ((False, without), (True, with_ranks)):
             start = time.perf_counter()
-            merge_apex_(model, seed=i, effective_ranks=flag)
+            fold_apex_(model, seed=i, effective_ranks=flag)
             times.append(time.perf_counter() - start)
     tokens = torch.randint(0, model.tok_embeddings.num_embeddings, (4, 128))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -117,7 +117,7 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
     import apex_finetune
 
     seconds_in_rank = []
-    compute_rank = apex_tune.modules.model.effective_rank  # merge_apex_ looks it up at each call
+    compute_rank = apex_tune.modules.model.effective_rank  # fold_apex_ looks it up at each call
 
     def timed_rank(change):
         start = time.perf_counter()

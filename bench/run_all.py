@@ -158,7 +158,7 @@ def quality_section(q: dict) -> list:
         f"{100 * statistics.mean(assess):.2f}% of the run's training time (mean over runs; it scores "
         f"{mode['assess_examples']} examples against {trained} trained on in instruction tuning, "
         f"{100 * mode['assess_examples'] / trained:.0f}%, where the reference scores 12,288 against 2 epochs of "
-        "Tulu v2, about 2%), and each stage-boundary merge_apex_ "
+        "Tulu v2, about 2%), and each stage-boundary fold_apex_ "
         f"{100 * statistics.mean(fuse):.3f}% of its stage's time.",
         "",
         "![instruction tuning](instruction_tuning.png)",

@@ -1,4 +1,4 @@
-"""Read and write parameters whole, whether plain tensors or FSDP2 shards.
+"""Read and write parameters whole, whether plain tensors, FSDP2 shards or NF4 weights.
 
 Fusion and operator resets happen outside forward, where FSDP2 parameters are
 sharded DTensors. Every rank computes the same full value, then keeps its shard.
@@ -6,6 +6,8 @@ sharded DTensors. Every rank computes the same full value, then keeps its shard.
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torchao.dtypes.nf4tensor import NF4Tensor
+from torchtune import training
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
@@ -13,6 +15,19 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, DTensor):
         return t.detach().full_tensor()
     return t.detach()
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    return isinstance(t, NF4Tensor)
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """The whole weight in its original dtype, whether NF4 (``quantize_base``), sharded or plain."""
+    if isinstance(weight, DTensor) and is_nf4(weight._local_tensor):
+        weight = training._distributed._gather_nf4_tensor(weight)
+    if is_nf4(weight):
+        return weight.get_original_weight()
+    return full_value(weight)
 
 
 @torch.no_grad()

@@ -15,6 +15,15 @@ the order ``[N, P, E]``. The wrappers share it:
 - row weights (output_proj; w2): W'[:, N] = W~[:, N] diag(a) + W~[:, P] M^T
 
 with W~ = W + Delta on the tuned units (N, P, E) when the dense delta is on.
+Both formulas are written once, in :func:`mix` (N <- a N + M P, P <- b P on the
+last dim) and its transpose :func:`mix_transposed` (N <- a N, P <- P + M^T N):
+
+- a column wrapper mixes its tuned *outputs* with :func:`mix`;
+- a row wrapper mixes its tuned *inputs* with :func:`mix_transposed`, since
+  W' = W~ R with (R x)_N = a x_N, (R x)_P = x_P + M^T x_N: y = W (R x) + Delta (R x)_T,
+  one frozen matmul plus the delta's slice, the Monarch on tokens, no weight copies;
+- a fold (:meth:`_ApexLinear.fold_`) applies :func:`mix` to the tuned rows (column
+  wrappers, transposed) or columns (row wrappers) of W~, in fp32.
 The base ``weight``/``bias`` keep their names, so base checkpoints load as is.
 
 Precision: the APEX parameters (M's factors, ``a``, ``b``, delta) are stored
@@ -24,18 +33,20 @@ step of about the learning rate is not rounded away (near 1.0 a bf16 step is
 used (compute in the run dtype); folds are computed in fp32 and cast once
 into the base weight's dtype.
 Index buffers and parameter shapes depend only on the configured sizes, so a
-new selection at a stage boundary changes values, never shapes.
+new selection at a stage boundary changes values, never shapes (the one
+exception, :class:`MergedStages` over an NF4 base, grows with the rows/columns
+the stages changed and lives outside FSDP like the NF4 weights).
 """
 
-from contextlib import contextmanager
-from typing import Iterator, List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchtune.modules.peft import AdapterModule
 
-from apex_tune.modules._dtensor import assign_, full_value
-from apex_tune.modules.monarch import MonarchMatrix
+from apex_tune.modules._dtensor import assign_, dequantized, full_value
+from apex_tune.modules.monarch import MonarchMatrix, monarch_apply
 
 # Storage dtype of every trainable APEX parameter, whatever the base dtype.
 APEX_PARAM_DTYPE = torch.float32
@@ -54,7 +65,61 @@ def unit_positions(units: torch.Tensor, group: int, width: int) -> torch.Tensor:
     return pos.reshape(-1)
 
 
-class ApexExpansion(nn.Module):
+class Operators(NamedTuple):
+    """One stage's shared operators as the wrappers apply them: M's factors and ``a``
+    for N and P of ``n`` entries (the live parameters, a frozen stage's copies, or
+    their full fp32 values for a fold)."""
+
+    n: int
+    a: torch.Tensor
+    L1: torch.Tensor
+    L2: torch.Tensor
+
+    def full_fp32(self) -> "Operators":
+        return Operators(self.n, *(full_value(t).float() for t in (self.a, self.L1, self.L2)))
+
+
+class Stage(NamedTuple):
+    """What one stage applies in one wrapper: the tuned positions, the shared operators
+    (None for q/k, delta only), the wrapper's ``b`` (column wrappers that mix) and delta."""
+
+    positions: torch.Tensor
+    ops: Optional[Operators]
+    b: Optional[torch.Tensor]
+    delta: Optional[torch.Tensor]
+
+    def full_fp32(self) -> "Stage":
+        ops = None if self.ops is None else self.ops.full_fp32()
+        return Stage(self.positions, ops, _fp32(self.b), _fp32(self.delta))
+
+
+def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
+    # The tuned entries are laid out (group, units, width) (see unit_positions):
+    # each group slice is ordered [N, P, E] like M mixes.
+    return t.reshape(*t.shape[:-1], group, -1)
+
+
+def mix(t: torch.Tensor, ops: Operators, b: Optional[torch.Tensor] = None, group: int = 1) -> torch.Tensor:
+    """N <- a N + M P and P <- b P (P unchanged without ``b``) on the last dim of ``t``,
+    laid out ``group`` times ``[N, P, E]``; in ``t``'s dtype (the operators are fp32)."""
+    n, grouped = ops.n, _grouped(t, group)
+    disadvantageous, advantageous = grouped[..., :n], grouped[..., n : 2 * n]
+    mixed = disadvantageous * ops.a.to(t.dtype) + monarch_apply(advantageous, ops.L1.to(t.dtype), ops.L2.to(t.dtype), n)
+    if b is not None:
+        advantageous = advantageous * b.to(t.dtype)
+    return torch.cat([mixed, advantageous, grouped[..., 2 * n :]], dim=-1).reshape(t.shape)
+
+
+def mix_transposed(t: torch.Tensor, ops: Operators, group: int = 1) -> torch.Tensor:
+    """The transpose of :func:`mix` without ``b``: N <- a N, P <- P + M^T N."""
+    n, grouped = ops.n, _grouped(t, group)
+    disadvantageous, advantageous = grouped[..., :n], grouped[..., n : 2 * n]
+    L1, L2 = ops.L1.to(t.dtype), ops.L2.to(t.dtype)
+    mixed = advantageous + monarch_apply(disadvantageous, L1, L2, n, transpose=True)
+    return torch.cat([disadvantageous * ops.a.to(t.dtype), mixed, grouped[..., 2 * n :]], dim=-1).reshape(t.shape)
+
+
+class ApexExpansion(nn.Module, AdapterModule):
     """The shared parts of one expansion pair: M, ``a`` and the unit selection.
 
     Args:
@@ -82,6 +147,9 @@ class ApexExpansion(nn.Module):
     def n(self) -> int:
         return self.monarch.n
 
+    def operators(self) -> Operators:
+        return Operators(self.n, self.a, self.monarch.L1, self.monarch.L2)
+
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """M = 0 and a = 1: the wrapped layers compute the base weights again."""
         self.monarch.reset_parameters(generator)
@@ -91,21 +159,42 @@ class ApexExpansion(nn.Module):
         return ["monarch.L1", "monarch.L2", "a"]
 
 
-class _ApexLinear(nn.Module):
+class _ApexLinear(nn.Module, AdapterModule):
     """Common state of the wrappers: the base linear's parameters, the tuned
     positions and the optional zero-initialised dense delta on them."""
 
-    def __init__(self, base: nn.Linear, num_tuned: int, group: int, width: int, dim: int, delta: bool):
+    dim: int  # the weight dimension the units run along: 0 (rows) or 1 (columns)
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_tuned: int,
+        group: int,
+        width: int,
+        expansion: Optional[ApexExpansion],
+        delta: bool = False,
+        history: Optional[Tuple[nn.Module, str]] = None,
+        merged_stages: bool = False,
+    ):
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.group, self.width, self.dim = group, width, dim
+        self.group, self.width = group, width
+        dim = self.dim
         # Same Parameter objects as the base layer: names and checkpoints unchanged.
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        # Not registered as children: the owning attention/FFN module holds them.
+        self._expansion = [expansion] if expansion is not None else []
+        # Over a quantized base, which is never rewritten, the finished stages are kept
+        # either as the owner's frozen operator stages (without the delta: ``history``,
+        # the owner's ApexHistory and this wrapper's key in it) or as one merged
+        # correction of this wrapper (with the delta: ``merged_stages``).
+        self._history, self._history_key = ([history[0]], history[1]) if history is not None else (None, None)
+        self.apex_history = MergedStages(dim, base.bias is not None and dim == 0) if merged_stages else None
         device = base.weight.device
         self.register_buffer(
             "positions",
@@ -120,6 +209,10 @@ class _ApexLinear(nn.Module):
             if delta
             else None
         )
+
+    @property
+    def expansion(self) -> Optional[ApexExpansion]:
+        return self._expansion[0] if self._expansion else None
 
     def set_units(self, units: torch.Tensor) -> None:
         positions = unit_positions(units.to(self.positions.device), self.group, self.width)
@@ -137,28 +230,88 @@ class _ApexLinear(nn.Module):
     def adapter_params(self) -> List[str]:
         return ["delta"] if self.delta is not None else []
 
+    def live_stage(self) -> Stage:
+        """The stage being trained, as parameters."""
+        exp = self.expansion
+        return Stage(self.positions, exp.operators() if exp is not None else None, getattr(self, "b", None), self.delta)
+
+    def frozen_stages(self) -> List[Stage]:
+        """The finished stages kept as operators over a quantized base, oldest first
+        (see :mod:`apex_tune.modules.nf4`); none over a plain base, whose weights hold them."""
+        if self._history is None:
+            return []
+        return [
+            Stage(
+                unit_positions(stage.units, self.group, self.width),
+                stage.operators() if self.expansion is not None else None,
+                stage.parts[self._history_key].b,
+                None,  # stages are frozen as operators only without the delta
+            )
+            for stage in self._history[0]
+        ]
+
+    @torch.no_grad()
     def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        """Full W' (delta and operators folded in; nothing is written), the folded
-        bias (None where folding leaves it unchanged), and the change of the tuned
-        slice, W'_T - W_T, in fp32 (W' - W is zero outside the slice)."""
+        """Full W' (finished stages, delta and operators folded in, from the dequantized
+        base; nothing is written), the folded bias (None without one), and the change
+        of the live stage's tuned slice, W'_T - W_T, in fp32. Computed in fp32 and
+        cast once into the base dtype."""
+        weight, bias, change = self._folded_fp32()
+        return weight.to(self.weight.dtype), None if bias is None else bias.to(self.bias.dtype), change
+
+    def _folded_fp32(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        weight, bias = dequantized(self.weight).float(), _fp32(self.bias)
+        for stage in self.frozen_stages():
+            weight, bias = self.fold_stage(weight, bias, stage.full_fp32())
+        if self.apex_history is not None:
+            weight, bias = self.apex_history.added_to(weight, bias)
+        before = weight.index_select(self.dim, self.positions)
+        weight, bias = self.fold_stage(weight, bias, self.live_stage().full_fp32())
+        return weight, bias, weight.index_select(self.dim, self.positions) - before
+
+    def fold_stage(self, weight, bias, stage: "Stage") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One stage folded into full ``weight``/``bias`` (bias None without one)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def merge_(self) -> torch.Tensor:
-        """Write W' into ``weight``/``bias``; the wrapper then computes the same
-        function only after :meth:`reset_parameters`. Returns the tuned slice's
-        change (see :meth:`folded`)."""
+    def fold_(self) -> torch.Tensor:
+        """Stage boundary: write W' into ``weight``/``bias``; the wrapper then computes
+        the same function only after :meth:`reset_parameters`. Returns the tuned
+        slice's change (see :meth:`folded`). A quantized base is never rewritten: the
+        stage goes into the merged correction (with the delta), or the owner freezes
+        its operators (:func:`~apex_tune.modules.model.fold_apex_`)."""
+        if self._history is not None:
+            raise RuntimeError(
+                "a wrapper over an NF4 base is not folded on its own: fold_apex_ freezes the "
+                "stage into apex_history, unwrap_apex folds everything into a plain weight"
+            )
+        if self.apex_history is not None:
+            weight, bias, change = self._folded_fp32()
+            self.apex_history.set_(weight, bias, dequantized(self.weight), self.bias, self.positions)
+            return change
         weight, bias, change = self.folded()
         assign_(self.weight, weight)
         if bias is not None:
             assign_(self.bias, bias)
         return change
 
-    def fuse_(self) -> None:
-        """Fold everything into ``weight``/``bias`` for the plain model (:func:`fuse_apex`).
-        Here the same as :meth:`merge_`; the quantized wrappers also fold their
-        frozen stages and dequantize."""
-        self.merge_()
+    @torch.no_grad()
+    def unwrap(self) -> nn.Linear:
+        """The plain linear computing what this wrapper computes (everything folded,
+        a quantized base dequantized). Over a plain base it keeps the (possibly
+        sharded) ``weight``/``bias`` parameters, folded in place."""
+        if self._history is None and self.apex_history is None:
+            self.fold_()
+            weight, bias = self.weight, self.bias
+        else:
+            weight, bias, _ = self.folded()
+            weight = nn.Parameter(weight, requires_grad=False)
+            bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        linear.weight = weight
+        if bias is not None:
+            linear.bias = bias
+        return linear
 
     def extra_repr(self) -> str:
         return (
@@ -167,13 +320,85 @@ class _ApexLinear(nn.Module):
         )
 
 
+def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else full_value(t).float()
+
+
+def _replaced(t: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``t`` with the entries at ``positions`` of its last dim replaced by ``values``.
+    Autograd keeps only the index for backward (``index_copy`` would also keep ``values``)."""
+    out = t.clone()
+    out[..., positions] = values
+    return out
+
+
+class MergedStages(nn.Module):
+    """The finished stages of a wrapper over a base that is never rewritten (NF4), as one
+    correction: W_T - W_0 on the rows (column wrappers) or columns (row wrappers) that
+    any stage changed (``positions``, sorted), in fp32, and the bias change (column
+    wrappers with a bias). W_T - W_0 is zero elsewhere, so the wrapper adds one slice
+    matmul however many stages there were, and keeps at most one weight's worth.
+
+    Empty (no parameters) until the first stage is folded in, so a fresh run's
+    state dict is the base's; :meth:`resize_` makes room for a saved state's.
+    """
+
+    def __init__(self, dim: int, bias: bool):
+        super().__init__()
+        self.dim, self.has_bias = dim, bias
+        for name in ("positions", "weight", "bias"):
+            self.register_parameter(name, None)
+
+    @property
+    def empty(self) -> bool:
+        return self.positions is None
+
+    @torch.no_grad()
+    def resize_(self, count: int, like: nn.Module) -> None:
+        """Uninitialised parameters for ``count`` positions of the wrapper ``like`` (values to be loaded)."""
+        other = like.in_features if self.dim == 0 else like.out_features
+        shape = (count, other) if self.dim == 0 else (other, count)
+        device = like.positions.device
+        self._set(torch.empty(count, dtype=torch.int64, device=device),
+                  torch.empty(shape, dtype=APEX_PARAM_DTYPE, device=device),
+                  torch.empty(count, dtype=APEX_PARAM_DTYPE, device=device) if self.has_bias else None)
+
+    def _set(self, positions, weight, bias) -> None:
+        self.positions = nn.Parameter(positions, requires_grad=False)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @torch.no_grad()
+    def set_(self, weight, bias, base_weight, base_bias, live_positions) -> None:
+        """Fold a stage in: ``weight``/``bias`` (fp32) are the wrapper's whole function
+        after it, over ``base_weight``/``base_bias``; the live stage changed ``live_positions``."""
+        positions = live_positions if self.empty else torch.cat([self.positions, live_positions])
+        positions = torch.unique(positions)  # sorted
+        change = weight.index_select(self.dim, positions) - base_weight.float().index_select(self.dim, positions)
+        bias_change = None
+        if self.has_bias:
+            bias_change = bias.index_select(0, positions) - _fp32(base_bias).index_select(0, positions)
+        self._set(positions, change, bias_change)
+
+    def added_to(self, weight, bias) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The full fp32 ``weight``/``bias`` of the base with the correction added."""
+        if self.empty:
+            return weight, bias
+        weight = weight.index_add(self.dim, self.positions, full_value(self.weight).float())
+        if self.bias is not None:
+            bias = bias.index_add(0, self.positions, full_value(self.bias).float())
+        return weight, bias
+
+
 class ApexColumnLinear(_ApexLinear):
     """Wrapper whose units are output rows (q, k, v_proj; FFN w1, w3).
 
-    With an ``expansion`` (v_proj, w1, w3) it mixes the N rows from the P rows
-    and scales P by its own vector ``b``; without one (q, k) it only adds the
-    delta to the tuned rows.
+    With an ``expansion`` (v_proj, w1, w3) it mixes the N outputs from the P
+    outputs and scales P by its own vector ``b``; without one (q, k) it only adds
+    the delta to the tuned rows.
     """
+
+    dim = 0
 
     def __init__(
         self,
@@ -182,19 +407,15 @@ class ApexColumnLinear(_ApexLinear):
         width: int,
         expansion: Optional[ApexExpansion] = None,
         delta: bool = False,
+        history: Optional[Tuple[nn.Module, str]] = None,
+        merged_stages: bool = False,
     ):
-        super().__init__(base, num_tuned, group=1, width=width, dim=0, delta=delta)
-        # Not registered as a child: the owning attention/FFN module holds it.
-        self._expansion = [expansion] if expansion is not None else []
+        super().__init__(base, num_tuned, 1, width, expansion, delta, history, merged_stages)
         self.b = (
             nn.Parameter(torch.ones(expansion.n, device=base.weight.device, dtype=APEX_PARAM_DTYPE))
             if expansion is not None
             else None
         )
-
-    @property
-    def expansion(self) -> Optional[ApexExpansion]:
-        return self._expansion[0] if self._expansion else None
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         super().reset_parameters(generator)
@@ -204,129 +425,77 @@ class ApexColumnLinear(_ApexLinear):
     def adapter_params(self) -> List[str]:
         return super().adapter_params() + (["b"] if self.b is not None else [])
 
-    def _mix(self, tuned: torch.Tensor) -> torch.Tensor:
-        """Apply the expansion to tuned outputs/rows laid out ``[N, P, E]`` on the last dim."""
-        exp = self.expansion
-        n = exp.n
-        disadvantageous, advantageous = tuned[..., :n], tuned[..., n : 2 * n]
-        mixed = disadvantageous * exp.a.to(tuned.dtype) + exp.monarch(advantageous)
-        return torch.cat([mixed, advantageous * self.b.to(tuned.dtype), tuned[..., 2 * n :]], dim=-1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._expand(x, F.linear(x, self.weight, self.bias))
+        y = F.linear(x, self.weight, self.bias)
+        for stage in self.frozen_stages():
+            y = self._apply_stage(x, y, stage)
+        merged = self.apex_history
+        if merged is not None and not merged.empty:
+            bias = merged.bias.to(x.dtype) if merged.bias is not None else None
+            y = y.index_add(-1, merged.positions, F.linear(x, merged.weight.to(x.dtype), bias))
+        return self._apply_stage(x, y, self.live_stage())
 
-    def _expand(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """This stage's change to the outputs ``y`` of the weights it wraps."""
-        if self.delta is not None:
-            tuned = y.index_select(-1, self.positions) + F.linear(x, self.delta.to(x.dtype))
-        elif self.expansion is not None:
-            tuned = y.index_select(-1, self.positions)
-        else:
+    @staticmethod
+    def _apply_stage(x: torch.Tensor, y: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """One stage on the outputs ``y`` of the weights before it: the tuned outputs
+        plus the delta's, mixed."""
+        if stage.delta is None and stage.ops is None:
             return y
-        if self.expansion is not None:
-            tuned = self._mix(tuned)
-        return y.index_copy(-1, self.positions, tuned)
+        tuned = y.index_select(-1, stage.positions)
+        if stage.delta is not None:
+            tuned = tuned + F.linear(x, stage.delta.to(x.dtype))
+        if stage.ops is not None:
+            tuned = mix(tuned, stage.ops, stage.b)
+        return _replaced(y, stage.positions, tuned)
 
-    @torch.no_grad()
-    def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        weight = full_value(self.weight)
-        base_rows = weight.index_select(0, self.positions).float()  # fold in fp32, cast once below
-        rows = base_rows
-        if self.delta is not None:
-            rows = rows + full_value(self.delta).float()
-        if self.expansion is not None:
-            rows = self._merged_rows(rows)
-        change = rows.float() - base_rows.float()
-        folded_weight = weight.index_copy(0, self.positions, rows.to(weight.dtype))
-        folded_bias = None
-        if self.bias is not None and self.expansion is not None:
-            bias = full_value(self.bias)
-            tuned = self._merged_rows(bias.index_select(0, self.positions).unsqueeze(-1)).squeeze(-1)
-            folded_bias = bias.index_copy(0, self.positions, tuned.to(bias.dtype))
-        return folded_weight, folded_bias, change
-
-    def _merged_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        # rows: (tuned, in). The expansion mixes along rows, so work on the transpose.
-        with _full_fp32_params(self.expansion, self):
-            mixed = self._mix(rows.T.float())
-        return mixed.T
+    def fold_stage(self, weight, bias, stage: Stage):
+        rows = weight.index_select(0, stage.positions)
+        if stage.delta is not None:
+            rows = rows + stage.delta
+        if stage.ops is not None:
+            rows = mix(rows.T, stage.ops, stage.b).T  # the expansion mixes along rows
+            if bias is not None:
+                tuned = mix(bias.index_select(0, stage.positions), stage.ops, stage.b)
+                bias = bias.index_copy(0, stage.positions, tuned)
+        return weight.index_copy(0, stage.positions, rows), bias
 
 
 class ApexRowLinear(_ApexLinear):
     """Wrapper whose units are input columns (output_proj, FFN w2).
 
-    W'[:, N] = W~[:, N] diag(a) + W~[:, P] M^T, computed on the tuned columns
-    only: y = W x + (W'_T - W_T) x_T, so no full-size weight copy is built.
+    W' = W~ R acts on the inputs: y = W (R x) + Delta (R x)_T, with R mixing the
+    tuned input columns (:func:`mix_transposed`); the Monarch runs on the tokens
+    and no weight slice is copied. Over a quantized base the frozen stages act on
+    the inputs too, newest first: y = W0 (R_1 ... R_t x) + the deltas' terms.
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        num_tuned: int,
-        group: int,
-        width: int,
-        expansion: ApexExpansion,
-        delta: bool = False,
-    ):
-        super().__init__(base, num_tuned, group=group, width=width, dim=1, delta=delta)
-        self._expansion = [expansion]
-
-    @property
-    def expansion(self) -> ApexExpansion:
-        return self._expansion[0]
-
-    def _tuned_columns(self, columns: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
-        """W'_T from the base tuned columns (out, tuned), laid out ``[N, P, E]``."""
-        if delta is not None:
-            columns = columns + delta.to(columns.dtype)
-        exp = self.expansion
-        out, g, n = columns.shape[0], self.group, exp.n
-        # The tuned columns are laid out (group, units, width) (see unit_positions):
-        # view them per group slice, each slice ordered [N, P, E] like M mixes.
-        grouped = columns.reshape(out, g, -1)
-        disadvantageous = grouped[..., :n]
-        advantageous = grouped[..., n : 2 * n]
-        mixed = disadvantageous * exp.a.to(columns.dtype) + exp.monarch(advantageous)
-        return torch.cat([mixed, grouped[..., n:]], dim=-1).reshape(out, -1)
+    dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # W_T = W_0 R_1 ... R_t + D (frozen stages, or the merged correction D), then
+        # the live stage: y = W_T (R x) + Delta (R x)_T.
+        x, extra = self._apply_stage(x, self.live_stage())
+        extras = [extra]
+        merged = self.apex_history
+        if merged is not None and not merged.empty:
+            extras.append(F.linear(x.index_select(-1, merged.positions), merged.weight.to(x.dtype)))
+        for stage in reversed(self.frozen_stages()):
+            x, extra = self._apply_stage(x, stage)
+            extras.append(extra)
         y = F.linear(x, self.weight, self.bias)
-        base_cols = self.weight.index_select(1, self.positions)
-        change = self._tuned_columns(base_cols, self.delta) - base_cols
-        return y + F.linear(x.index_select(-1, self.positions), change)
+        for extra in extras:
+            if extra is not None:
+                y = y + extra
+        return y
 
-    @torch.no_grad()
-    def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        weight = full_value(self.weight)
-        columns = weight.index_select(1, self.positions).float()
-        with _full_fp32_params(self.expansion, self):
-            delta = self.delta.float() if self.delta is not None else None
-            merged = self._tuned_columns(columns, delta)
-        folded_weight = weight.index_copy(1, self.positions, merged.to(weight.dtype))
-        return folded_weight, None, merged - columns
+    def _apply_stage(self, x: torch.Tensor, stage: Stage) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One stage on the inputs: ``(R x, Delta (R x)_T or None)``, in ``x``'s dtype."""
+        tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
+        extra = F.linear(tuned, stage.delta.to(x.dtype)) if stage.delta is not None else None
+        return _replaced(x, stage.positions, tuned), extra
 
-
-@contextmanager
-def _full_fp32_params(*modules: nn.Module) -> Iterator[None]:
-    """Temporarily swap the adapter parameters of ``modules`` (possibly sharded)
-    for their full fp32 values, so fusion reuses the forward math exactly."""
-    saved = []
-    try:
-        for module in modules:
-            for name, param in list(module.named_parameters()):
-                if name in ("weight", "bias"):
-                    continue
-                owner, attr = _owner(module, name)
-                saved.append((owner, attr, param))
-                owner._parameters[attr] = full_value(param).float()
-        yield
-    finally:
-        for owner, attr, param in reversed(saved):
-            owner._parameters[attr] = param
-
-
-def _owner(module: nn.Module, name: str):
-    *path, attr = name.split(".")
-    for part in path:
-        module = getattr(module, part)
-    return module, attr
+    def fold_stage(self, weight, bias, stage: Stage):
+        columns = weight.index_select(1, stage.positions)
+        if stage.delta is not None:
+            columns = columns + stage.delta
+        return weight.index_copy(1, stage.positions, mix(columns, stage.ops, None, self.group)), bias

@@ -82,14 +82,6 @@ class MonarchMatrix(nn.Module):
         # The factors may be stored in higher precision than x (fp32 over a bf16 base).
         return monarch_apply(x, self.L1.to(x.dtype), self.L2.to(x.dtype), self.n)
 
-    def apply_transposed(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ M``: M^T applied to every length-n row of x, in O(n sqrt(n)) as well.
-
-        Used where M acts on a layer's inputs rather than its weights (the
-        row wrappers over a quantized base, see :mod:`apex_tune.modules.nf4`).
-        """
-        return monarch_apply(x, self.L1.to(x.dtype), self.L2.to(x.dtype), self.n, transpose=True)
-
     def to_dense(self) -> torch.Tensor:
         """The dense n x n matrix M (for fusion checks and tests, not the hot path)."""
         eye = torch.eye(self.n, device=self.L1.device, dtype=self.L1.dtype)

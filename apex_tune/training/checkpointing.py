@@ -23,7 +23,7 @@ from apex_tune.training.distributed import check_same_resume_point
 from apex_tune.training.run_options import ConfigError
 from apex_tune.modules.model import (
     apply_apex,
-    fuse_apex,
+    unwrap_apex,
     materialize_apex_buffers_,
     param_kind,
     set_apex_trainable,
@@ -478,7 +478,7 @@ def check_fusion(difference: float, tolerance: float, where: str) -> None:
 
 
 @torch.no_grad()
-def fused_state_dict(
+def plain_state_dict(
     build_model: Callable[[], nn.Module],
     settings: ApexSettings,
     wrapped_state_dict: Dict[str, torch.Tensor],
@@ -489,7 +489,7 @@ def fused_state_dict(
 
     Rebuilds the wrapped model on the meta device (``build_model`` gives the base
     architecture in the run's dtype) around copies of the given tensors and fuses
-    it with :func:`fuse_apex`, leaving the live (possibly sharded) training model
+    it with :func:`unwrap_apex`, leaving the live (possibly sharded) training model
     untouched. With ``probe_tokens`` also returns the
     relative difference of the fused model's logits from the wrapped model's.
     """
@@ -513,7 +513,7 @@ def fused_state_dict(
                     m.rope_init()
         model.eval()
         wrapped_logits = model(probe_tokens.cpu())
-    fuse_apex(model)
+    unwrap_apex(model)
     if probe_tokens is not None:
         difference = relative_difference(wrapped_logits, model(probe_tokens.cpu()))
     return model.state_dict(), difference
@@ -534,13 +534,13 @@ def plain_checkpoint_state(
     """The plain model to save from a gathered wrapped state dict, in the run's dtype,
     and why it must not be saved (None when it may).
 
-    ``fold``: fold a CPU copy (:func:`fused_state_dict`), which must reproduce the
+    ``fold``: fold a CPU copy (:func:`plain_state_dict`), which must reproduce the
     wrapped model on the probe batch within ``tolerance``; otherwise the live model
     was just folded and its base weights are the plain model.
     """
     failure = None
     if fold:
-        plain, difference = fused_state_dict(build_model, settings, wrapped_state_dict, selection, probe_tokens)
+        plain, difference = plain_state_dict(build_model, settings, wrapped_state_dict, selection, probe_tokens)
         log.info(f"checkpoint {label}: fused-vs-wrapped difference {difference:.2e} on the probe batch")
         try:
             check_fusion(difference, tolerance, f"checkpoint {label}")

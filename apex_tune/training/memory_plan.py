@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torchtune.modules import TransformerSelfAttentionLayer
 
-from apex_tune.modules.expansion import ApexRowLinear
-from apex_tune.modules.model import CHANNELS, HEADS, _wrapped_layers, _wrappers, find_apex_layers, param_kind
+from apex_tune.modules.geometry import CHANNELS, HEADS, KINDS, find_apex_layers, param_kind, wrapped_layers
 from apex_tune.modules.config import ApexSettings
+from apex_tune.modules.nf4 import grow_history_
 
 GIB = 1024**3
 FP32 = 4
@@ -61,16 +61,6 @@ def _shard_elements(shape, world_size: int) -> int:
         return 1
     rest = math.prod(shape[1:])
     return math.ceil(shape[0] / world_size) * rest
-
-
-def add_frozen_stages_(model: nn.Module, count: int) -> None:
-    """Over a quantized base: give every layer ``count`` frozen stages (meta device), the
-    most it holds (T - 1 at the last stage), so they are counted."""
-    for layer in _wrapped_layers(model):
-        for kind in (HEADS, CHANNELS):
-            history = layer.history(kind)
-            if history is not None:
-                history.grow_(count, layer.expansion(kind), list(_wrappers(layer, kind)))
 
 
 def _fsdp_units(model: nn.Module):
@@ -112,11 +102,14 @@ def activation_bytes(
     r_h / r_c: the tuned fraction of head units / channels (2K, P and N, without the delta). Per layer and token, in
     ``dtype`` elements: the frozen base's q, k and v (torchtune expands K/V to every
     query head), attention output and FFN w1, w3, gate outputs, 4h + 3i (frozen
-    projections keep no inputs); APEX's gathered
-    slices, r_h (h + 2kv) + K_h kv + 5 r_c i + 2 K_c i; with the delta also the normed
-    inputs and q/k sums, 2h + r_h (h + kv); plus both norms' inputs in fp32 (8h bytes).
-    Per layer, independent of tokens: the gathered weight slices of output_proj and
-    w2, (2 r_h + K_h) h^2 + (2 r_c + K_c) h i elements.
+    projections keep no inputs); APEX's gathered slices, the column wrappers' (v, w1,
+    w3: the tuned outputs and the Monarch's intermediates) r_h kv + K_h kv + 2 r_c i +
+    2 K_c i and the row wrappers' (output_proj, w2: the gathered tuned inputs and the
+    Monarch's two intermediates on N) (r_h + 2 K_h) h + (r_c + 2 K_c) i; with the delta
+    also the normed inputs and the row wrappers' mixed inputs, 2h + r_h h + r_c i; plus
+    both norms' inputs in fp32 (8h bytes). No weight slices (the row wrappers act on
+    their inputs) and no scattered copies (the wrappers write the tuned entries back
+    keeping only their index).
 
     Without activation checkpointing every layer keeps all of it; with it (one
     checkpoint per layer) each keeps its input (h per token) and one layer at a time
@@ -126,12 +119,11 @@ def activation_bytes(
     """
     h, kv, i, K_h, K_c = embed_dim, kv_dim, intermediate_dim, ratio_heads, ratio_channels
     per_token = 4 * h + 3 * i
-    per_token += tuned_heads * (h + 2 * kv) + K_h * kv + 5 * tuned_channels * i + 2 * K_c * i
+    per_token += tuned_heads * kv + K_h * kv + 2 * tuned_channels * i + 2 * K_c * i
+    per_token += (tuned_heads + 2 * K_h) * h + (tuned_channels + 2 * K_c) * i
     if delta:
-        per_token += 2 * h + tuned_heads * (h + kv)
-    layer = tokens * (per_token * dtype_bytes + 2 * h * FP32)
-    layer += ((2 * tuned_heads + K_h) * h * h + (2 * tuned_channels + K_c) * h * i) * dtype_bytes
-    layer = round(layer)
+        per_token += 2 * h + tuned_heads * h + tuned_channels * i
+    layer = round(tokens * (per_token * dtype_bytes + 2 * h * FP32))
     if activation_checkpointing:
         layers = num_layers * tokens * h * dtype_bytes + layer
     else:
@@ -141,12 +133,31 @@ def activation_bytes(
     return {"decoder_layers": int(layers), "logits_and_loss": int(logits)}
 
 
+def saved_bytes_of_forward(model: nn.Module, *inputs) -> int:
+    """Measured: bytes of the distinct storages autograd saves in one forward of
+    ``model(*inputs)`` (parameters excluded), what :func:`activation_bytes` estimates.
+    A tensor subclass (an NF4 weight) is a parameter, counted by its storages elsewhere."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters() if not hasattr(p, "__tensor_flatten__")}
+    saved = {}
+
+    def pack(t):
+        if not hasattr(t, "__tensor_flatten__"):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return sum(saved.values())
+
+
 def parameter_copy_bytes(model: nn.Module, dtype_bytes: int, activation_checkpointing: bool) -> int:
     """Bytes of the ``dtype`` copies of fp32 trainable parameters that autograd keeps.
 
     Under a bf16 base the wrappers cast their fp32 parameters to bf16 where they are
     used (``param.to(x.dtype)``), and the matmuls keep those copies for backward: per
-    wrapper, its own ``b`` and (column wrappers) delta, and the layer's shared M and ``a`` once per wrapper
+    wrapper, its own ``b`` and delta, and the layer's shared M and ``a`` once per wrapper
     that mixes with them (2 for heads: v_proj, output_proj; 3 for channels: w1, w3, w2),
     an upper bound since some uses keep no copy; and a trained output head's weight (or
     the tied embedding read as one). With activation checkpointing one layer's copies
@@ -155,19 +166,16 @@ def parameter_copy_bytes(model: nn.Module, dtype_bytes: int, activation_checkpoi
     if dtype_bytes >= FP32:
         return 0
     per_layer = []
-    for layer in _wrapped_layers(model):
+    for layer in wrapped_layers(model):
         elements = 0
-        for kind in (HEADS, CHANNELS):
+        for kind in KINDS:
             expansion = layer.expansion(kind)
-            wrappers = list(_wrappers(layer, kind))
+            wrappers = layer.wrappers(kind)
             if expansion is not None:
                 mixing = sum(w.expansion is expansion for w in wrappers)
                 elements += mixing * sum(p.numel() for p in expansion.parameters() if p.requires_grad)
             for wrapper in wrappers:
-                # A row wrapper adds its delta to the gathered columns (counted by the
-                # activation formula) and keeps no copy of it.
-                skip = ("weight", "bias", "delta") if isinstance(wrapper, ApexRowLinear) else ("weight", "bias")
-                elements += sum(p.numel() for n, p in wrapper.named_parameters() if p.requires_grad and n not in skip)
+                elements += sum(p.numel() for n, p in wrapper.named_parameters() if p.requires_grad)
         per_layer.append(elements * dtype_bytes)
     layers = max(per_layer, default=0) if activation_checkpointing else sum(per_layer)
     output = getattr(model, "output", None)
@@ -199,7 +207,7 @@ def memory_plan(
             f"optimizer._component_={optimizer}: no memory plan for it; known: {', '.join(OPTIMIZER_STATE_BYTES)}"
         )
     if settings.quantize_base and num_stages > 1:
-        add_frozen_stages_(model, num_stages - 1)
+        grow_history_(model, num_stages - 1)  # the most it holds: T - 1 at the last stage
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
 
     items = {k: 0 for k in ("frozen_base_sharded", "frozen_base_replicated", "frozen_stages_replicated",
@@ -245,7 +253,7 @@ def memory_plan(
     # layer's units, from the same rounding the wrappers were built with (0 for a kind
     # that is off).
     fraction = {}
-    for kind in (HEADS, CHANNELS):
+    for kind in KINDS:
         units = layers[0].num_units(kind)
         k = settings.expanded_units(units, kind)
         fraction[kind] = (k / units, (2 * k + settings.extra_units(units, kind)) / units)

@@ -5,7 +5,7 @@ pass of ``apex_tune.training.assessment``, and at every boundary): at random fro
 (the ablation), or from the ranker's scores summed over ranks; every rank must
 choose the same. At the end of a stage (:func:`end_stage`): check the APEX
 parameters are finite, choose the next units, fold the stage into the weights in
-fp32 (:func:`~apex_tune.modules.model.merge_apex_`), point the wrappers at the next
+fp32 (:func:`~apex_tune.modules.model.fold_apex_`), point the wrappers at the next
 selection, reset the operators (done by the merge) and the ranker's scores, and
 reset the optimizer state truly: the next update is the first update of a fresh
 optimizer (Adam step 1, zero moments); the learning-rate schedule goes on.
@@ -29,7 +29,7 @@ from apex_tune.modules._dtensor import full_value
 from apex_tune.training.checkpointing import relative_difference
 from apex_tune.training.distributed import check_same_selection
 from apex_tune.modules.config import SELECTION_METHODS
-from apex_tune.modules.model import merge_apex_, random_selection, set_selection
+from apex_tune.modules.model import fold_apex_, random_selection, set_selection
 from apex_tune.modules.ranking import ActivationRanker
 from apex_tune.modules.selection import LayerSelection
 
@@ -102,7 +102,7 @@ def end_stage(
     operators. With ``probe`` (a function giving the model's logits on a fixed batch)
     the result has the relative difference of those logits across the fold, which
     must be rounding only; with ``effective_ranks``, the effective rank of each wrapped
-    projection's change over the stage (:func:`~apex_tune.modules.model.merge_apex_`).
+    projection's change over the stage (:func:`~apex_tune.modules.model.fold_apex_`).
     Raises :class:`NonFiniteParameterError` before touching anything.
     """
     name = first_nonfinite_parameter(model)
@@ -110,7 +110,7 @@ def end_stage(
         raise NonFiniteParameterError(name)
     next_units, scores = choose_selection(model, ranker, selection, seed) if selection else (None, {})
     before = probe() if probe is not None else None
-    ranks = merge_apex_(model, seed=seed, effective_ranks=effective_ranks)
+    ranks = fold_apex_(model, seed=seed, effective_ranks=effective_ranks)
     difference = relative_difference(before, probe()) if probe is not None else None
     if next_units is not None:
         set_selection(model, next_units)

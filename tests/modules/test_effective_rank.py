@@ -1,8 +1,8 @@
-"""Effective rank of each stage's weight change, as merge_apex_ records it."""
+"""Effective rank of each stage's weight change, as fold_apex_ records it."""
 
 import torch
 
-from apex_tune import ApexSettings, apply_apex, merge_apex_, set_selection
+from apex_tune import ApexSettings, apply_apex, fold_apex_, set_selection
 from apex_tune.modules.effective_rank import effective_rank
 
 from conftest import build_tiny, perturb_apex, random_selection
@@ -32,14 +32,14 @@ def test_effective_rank_matches_svd_on_rank_deficient_matrices():
         assert abs(effective_rank(m) - _svd_effective_rank(m)) <= 1e-4 * _svd_effective_rank(m)
 
 
-def test_merge_records_effective_rank_of_each_change():
+def test_fold_records_effective_rank_of_each_change():
     model = build_tiny("llama3_gqa")
     settings = ApexSettings(ratio=0.25, delta=True, tuned_ratio_heads=0.5, tuned_ratio_channels=0.6)
     apply_apex(model, settings)
     set_selection(model, random_selection(model, settings, seed=0))
     perturb_apex(model, seed=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".weight")}
-    ranks = merge_apex_(model, seed=2, effective_ranks=True)
+    ranks = fold_apex_(model, seed=2, effective_ranks=True)
     after = dict(model.named_parameters())
     assert len(ranks) == 2
     for i, layer in enumerate(ranks):
@@ -52,4 +52,4 @@ def test_merge_records_effective_rank_of_each_change():
             # the recorded one is exact in fp32 arithmetic; agreement to 1e-3 relative.
             assert abs(value - _svd_effective_rank(change)) <= 1e-3 * value, (key, value)
             assert value > 1.0
-    assert merge_apex_(model, seed=3) is None
+    assert fold_apex_(model, seed=3) is None

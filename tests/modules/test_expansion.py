@@ -1,5 +1,5 @@
 """Expansion wrappers: exact identity at init, the column/row formulas against a
-hand-built dense reference, merge/fuse equivalence, gradients, adapter params."""
+hand-built dense reference, fold/unwrap equivalence, gradients, adapter params."""
 
 import copy
 
@@ -14,9 +14,9 @@ from apex_tune import (
     ApexRowLinear,
     ApexSettings,
     apply_apex,
-    fuse_apex,
+    unwrap_apex,
     get_selection,
-    merge_apex_,
+    fold_apex_,
     set_apex_trainable,
     set_selection,
 )
@@ -65,7 +65,7 @@ def test_identity_at_init(kind, delta, make_tiny, tokens, random_selection_fn):
 
 @pytest.mark.parametrize("delta", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_and_fuse_keep_outputs(kind, delta, make_tiny, tokens, random_selection_fn, perturb_apex_fn, rel_diff_fn):
+def test_fold_and_unwrap_keep_outputs(kind, delta, make_tiny, tokens, random_selection_fn, perturb_apex_fn, rel_diff_fn):
     base = make_tiny(kind)
     base_state = {k: v.shape for k, v in base.state_dict().items()}
     with torch.no_grad():
@@ -77,8 +77,8 @@ def test_merge_and_fuse_keep_outputs(kind, delta, make_tiny, tokens, random_sele
         wrapped_out = model(tokens)
     assert rel_diff_fn(wrapped_out, base_out) > 1e-2, "perturbing the APEX parameters must change the outputs"
 
-    # Stage boundary: fold in, reset operators, same function.
-    merge_apex_(model, seed=5)
+    # Stage boundary: fold in place, reset operators, same function.
+    fold_apex_(model, seed=5)
     with torch.no_grad():
         merged_out = model(tokens)
     assert rel_diff_fn(merged_out, wrapped_out) <= 1e-5
@@ -89,13 +89,13 @@ def test_merge_and_fuse_keep_outputs(kind, delta, make_tiny, tokens, random_sele
         elif leaf in ("a", "b"):
             assert torch.equal(param, torch.ones_like(param)), name
     changed = [k for k, v in base.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
-    assert changed, "merge must write W' into the base weights"
+    assert changed, "fold_apex_ must write W' into the base weights"
 
-    # Train a bit more (perturb again), then fuse into a plain model.
+    # Train a bit more (perturb again), then unwrap into the plain model.
     perturb_apex_fn(model, seed=6)
     with torch.no_grad():
         wrapped_out = model(tokens)
-    fused = fuse_apex(model)
+    fused = unwrap_apex(model)
     for module in fused.modules():
         assert not isinstance(module, (ApexColumnLinear, ApexRowLinear, ApexExpansion))
     for layer in fused.layers:
@@ -278,7 +278,7 @@ def test_column_formula(delta, bias):
     ref = x.double() @ expected.T + (expected_bias if bias else 0)
     assert torch.allclose(wrapper(x).double(), ref, atol=1e-5, rtol=1e-5)
 
-    wrapper.merge_()
+    wrapper.fold_()
     assert torch.allclose(wrapper.weight.double(), expected, atol=1e-5, rtol=1e-5)
     if bias:
         assert torch.allclose(wrapper.bias.double(), expected_bias, atol=1e-5, rtol=1e-5)
@@ -321,7 +321,7 @@ def test_row_formula(group, delta):
     ref = x.double() @ expected.T
     assert torch.allclose(wrapper(x).double(), ref, atol=1e-5, rtol=1e-5)
 
-    wrapper.merge_()
+    wrapper.fold_()
     assert torch.allclose(wrapper.weight.double(), expected, atol=1e-5, rtol=1e-5)
 
 

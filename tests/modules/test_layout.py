@@ -41,3 +41,47 @@ def test_training_support_imports_no_tools():
         if name.startswith(("apex_tune.dev", "apex_tune.cli"))
     ]
     assert not offending, "\n".join(offending)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph():
+    """apex_tune module -> the apex_tune modules it imports (``from pkg import submodule``
+    counted as importing the submodule), at module level or inside functions."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("apex_tune"):
+                submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+                edges |= submodules or {node.module}
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name.startswith("apex_tune")}
+        graph[name] = edges & modules.keys() - {name}
+    return graph
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert "apex_tune.modules.nf4" in graph["apex_tune.modules.model"]  # the graph sees real imports
+    done, on_path, cycles = set(), [], []
+
+    def visit(name):
+        if name in on_path:
+            cycles.append(" -> ".join(on_path[on_path.index(name):] + [name]))
+            return
+        if name in done:
+            return
+        on_path.append(name)
+        for target in sorted(graph[name]):
+            visit(target)
+        on_path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+    assert not cycles, "\n".join(cycles)

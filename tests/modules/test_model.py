@@ -16,9 +16,9 @@ from apex_tune import (
     UnitSelection,
     apply_apex,
     find_apex_layers,
-    fuse_apex,
+    unwrap_apex,
     get_selection,
-    merge_apex_,
+    fold_apex_,
     set_apex_trainable,
     set_selection,
     trainable_parameter_report,
@@ -189,7 +189,7 @@ def test_apply_twice_raises(make_tiny):
 
 def test_unwrapped_model_errors(make_tiny):
     model = make_tiny("llama2_mha")
-    for fn in (get_selection, merge_apex_, fuse_apex):
+    for fn in (get_selection, fold_apex_, unwrap_apex):
         with pytest.raises(ValueError, match="apply_apex"):
             fn(model)
 
@@ -246,3 +246,21 @@ def test_layer_selection_dict_round_trip():
     )
     d = sel.to_dict()
     assert d == {"heads": {"P": [1], "N": [0], "E": [3]}, "channels": {"P": [5, 6], "N": [1, 2], "E": []}}
+
+
+def test_param_kind_counts_only_apex_owned_parameters(make_tiny):
+    """Every parameter APEX adds is classified by where it lives; a user's parameter that
+    merely shares a leaf name (``a``, ``b``, ``L1``, ``delta``) elsewhere is base."""
+    from apex_tune.modules.geometry import param_kind
+
+    settings = ApexSettings(ratio=0.25, delta=True, tuned_ratio_heads=0.75, tuned_ratio_channels=0.75)
+    model = apply_apex(make_tiny("qwen2_bias"), settings)
+    kinds = {name: param_kind(name) for name, _ in model.named_parameters()}
+    expected = {"L1": "operators", "L2": "operators", "a": "vectors", "b": "vectors", "delta": "deltas"}
+    for name, kind in kinds.items():
+        if name not in ("tok_embeddings.weight", "output.weight"):
+            assert kind == expected.get(name.rsplit(".", 1)[-1], "base"), name
+    assert {"operators", "vectors", "deltas", "embeddings", "base"} <= set(kinds.values())
+    for name in ("layers.0.mlp.scale.a", "layers.0.attn.b", "adapter.b", "layers.0.attn.monarch.L1",
+                 "layers.0.attn.pos_embeddings.delta", "a"):
+        assert param_kind(name) == "base", name

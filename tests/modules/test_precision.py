@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torchtune.models.llama3 import llama3
 from torchtune.models.llama3_2 import llama3_2
 
-from apex_tune import ApexSettings, apply_apex, fuse_apex, merge_apex_, set_apex_trainable, set_selection
+from apex_tune import ApexSettings, apply_apex, unwrap_apex, fold_apex_, set_apex_trainable, set_selection
 from apex_tune.modules.model import random_selection, trainable_parameter_report
 from apex_tune.training.checkpointing import load_local_optimizer_state, local_optimizer_state
 from apex_tune.training.stages import end_stage, reset_optimizer_state_
@@ -112,17 +112,17 @@ def test_bf16_training_at_a_small_lr_moves_every_parameter_kind():
 
 
 def test_bf16_fold_is_computed_in_fp32_and_rounded_once():
-    """merge_apex_ on a bf16 model writes exactly what the fp32 fold of the same (bf16) base
-    weights and fp32 APEX parameters gives, cast to bf16 once; so does fuse_apex, which
+    """fold_apex_ on a bf16 model writes exactly what the fp32 fold of the same (bf16) base
+    weights and fp32 APEX parameters gives, cast to bf16 once; so does unwrap_apex, which
     also gives the trained fp32 embeddings back in bf16."""
     model = wrapped(torch.bfloat16)
     train(model, 1e-3, 3)  # small changes: a bf16 W + Delta would round many of them away
     reference = copy.deepcopy(model).float()
-    merge_apex_(model, seed=1)
-    merge_apex_(reference, seed=1)
+    fold_apex_(model, seed=1)
+    fold_apex_(reference, seed=1)
     for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(got, want.to(got.dtype)), name
-    fuse_apex(model)
+    unwrap_apex(model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert type(model.tok_embeddings) is torch.nn.Embedding and type(model.output) is torch.nn.Linear
 

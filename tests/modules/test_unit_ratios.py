@@ -17,9 +17,9 @@ from apex_tune import (
     ActivationRanker,
     ApexSettings,
     apply_apex,
-    fuse_apex,
+    unwrap_apex,
     get_selection,
-    merge_apex_,
+    fold_apex_,
     parse_apex_config,
     set_apex_trainable,
     set_selection,
@@ -180,7 +180,7 @@ def test_bad_unit_ratios(kwargs, field):
         ApexSettings(**kwargs)
 
 
-def test_heads_off_trains_fuses_and_ranks(make_tiny, tokens):
+def test_heads_off_trains_unwraps_and_ranks(make_tiny, tokens):
     """With heads off the attention stays plain; selection, ranking, merge and fusion work."""
     model = make_tiny("llama3_gqa")  # 2 KV groups
     reference = make_tiny("llama3_gqa")
@@ -203,9 +203,9 @@ def test_heads_off_trains_fuses_and_ranks(make_tiny, tokens):
             if name.endswith(("monarch.L2", "delta")):
                 param.normal_(0, 0.05)
         wrapped_logits = model(tokens)
-        merge_apex_(model)
+        fold_apex_(model)
         merged_logits = model(tokens)
-        fuse_apex(model)
+        unwrap_apex(model)
         fused_logits = model(tokens)
     assert model.state_dict().keys() == reference.state_dict().keys()
     assert not torch.equal(wrapped_logits, reference(tokens))
@@ -233,12 +233,12 @@ def test_heads_off_over_a_quantized_base(tokens):
         for name, param in model.named_parameters():
             if name.endswith(("monarch.L1", "monarch.L2")):
                 param.copy_(0.3 * torch.randn(param.shape, generator=gen))
-        merge_apex_(model)  # the first stage is frozen into the FFN's history
+        fold_apex_(model)  # the first stage is frozen into the FFN's history
         for name, param in model.named_parameters():
             if name.endswith("monarch.L2") and param.requires_grad:
                 param.copy_(0.3 * torch.randn(param.shape, generator=gen))
         wrapped_logits = model(tokens)
-        fuse_apex(model)
+        unwrap_apex(model)
         fused_logits = model(tokens)
     assert not is_quantized(model)
     # fp32 rounding of the wrapped forward against the fp32 fold (as test_quantization).
@@ -250,7 +250,7 @@ def test_recipe_with_heads_off(tmp_path):
     """`tune run apex_finetune` with apex.ratio_heads=0: attention weights come back untouched."""
     import json
 
-    from test_recipe import hf_weights, tune_run
+    from recipe_runs import hf_weights, tune_run
     from apex_tune.dev.tiny import make_tiny_assets
 
     assets = tmp_path / "assets"

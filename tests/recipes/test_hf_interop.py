@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchtune import training
 
-from apex_tune import ApexSettings, apply_apex, fuse_apex, set_selection
+from apex_tune import ApexSettings, apply_apex, unwrap_apex, set_selection
 from apex_tune.dev.tiny import make_tiny_assets, tiny_llama3
 
 from conftest import perturb_apex, random_selection
@@ -34,7 +34,7 @@ def test_fused_checkpoint_loads_in_transformers(tmp_path):
     apply_apex(model, settings)
     set_selection(model, random_selection(model, settings, seed=1))
     perturb_apex(model, seed=2)
-    fuse_apex(model)
+    unwrap_apex(model)
     checkpointer.save_checkpoint({training.MODEL_KEY: model.state_dict()}, epoch=0, intermediate_checkpoint=False)
 
     saved = out / "epoch_0"

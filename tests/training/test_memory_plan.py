@@ -8,7 +8,13 @@ import torch
 
 from apex_tune.cli import main as apex_cli
 from apex_tune.cli.config_names import load_config
-from apex_tune.training.memory_plan import FP32, activation_bytes, memory_plan, parameter_copy_bytes
+from apex_tune.training.memory_plan import (
+    FP32,
+    activation_bytes,
+    memory_plan,
+    parameter_copy_bytes,
+    saved_bytes_of_forward,
+)
 from apex_tune.training.reports import memory_plan_report, meta_model
 
 GIB = 1024**3
@@ -104,22 +110,6 @@ def test_llama3_1_70b_needs_more_than_8_gpus():
     assert plan_for("llama3_1/8B_apex", 64, builder)["fits"]
 
 
-def _saved_bytes_of_forward(model, tokens):
-    """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("delta", [False, True], ids=["operators", "delta"])
 def test_activation_estimate_matches_saved_tensors(delta):
     """The per-layer formula against what autograd really keeps, on a bf16 GQA Llama
@@ -142,7 +132,7 @@ def test_activation_estimate_matches_saved_tensors(delta):
     set_apex_trainable(model, settings)
     init_apex_(model, torch.device("cpu"), seed=0)
     set_selection(model, random_selection(model, torch.Generator().manual_seed(0)))
-    measured = _saved_bytes_of_forward(model, torch.randint(0, vocab, (batch, seq)))
+    measured = saved_bytes_of_forward(model, torch.randint(0, vocab, (batch, seq)))
     estimate = activation_bytes(
         tokens=batch * seq, num_layers=layers, embed_dim=h, kv_dim=kv_heads * h // heads, intermediate_dim=i,
         vocab_size=vocab, dtype_bytes=2, activation_checkpointing=False, ratio_heads=0.25, ratio_channels=0.25, tuned_heads=tuned,
