@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -76,6 +76,7 @@ from apex_tune.training.run_options import (
     stage_ends,
     steps_per_epoch,
 )
+from apex_tune.training.effective_ranks import BackgroundEffectiveRanks
 from apex_tune.training.selection_log import log_effective_ranks, log_selection
 from apex_tune.training.stages import NonFiniteParameterError, choose_selection, end_stage
 from apex_tune.training.testing import fault_point
@@ -396,14 +397,16 @@ class ApexFinetuneRecipe(FTRecipeInterface):
 
     def _stage_boundary(self) -> None:
         """Fuse in fp32, re-select from the stage's scores, reset operators, ranker and
-        optimizer state (apex_tune.training.stages.end_stage, shared with the benchmarks)."""
+        optimizer state (apex_tune.training.stages.end_stage, shared with the benchmarks).
+        The stage's effective ranks are computed on a background thread while the model
+        checkpoint is written, and recorded before the resume state marks it complete."""
         start = time.perf_counter()
         finished = self.stage
         last = finished == len(self.stage_ends) - 1
         try:
             ended = end_stage(
                 self._model, self._optimizer, self._ranker, None if last else self.schedule.selection,
-                seed=self.seed + finished + 1, probe=self._probe_logits, effective_ranks=True,
+                seed=self.seed + finished + 1, probe=self._probe_logits, weight_changes=self._is_rank_zero,
             )
         except NonFiniteParameterError as e:  # never fold a non-finite operator into the weights
             raise TrainingFault(
@@ -411,7 +414,6 @@ class ApexFinetuneRecipe(FTRecipeInterface):
                 f"{e.name}; not fusing. The last good checkpoint in {self._output_dir} is kept"
             ) from e
         fuse_seconds = time.perf_counter() - start
-        self._log_effective_ranks(finished + 1, ended.effective_ranks)
         check_fusion(ended.difference, self.options.fusion_tolerance, f"stage {finished + 1} fusion at step {self.global_step}")
         self.stage += 1
         if ended.selection is not None:
@@ -421,19 +423,26 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             f"stage {finished + 1} done at step {self.global_step}: fused in {fuse_seconds:.3f}s, "
             f"fused-vs-wrapped difference {ended.difference:.2e} on the probe batch",
         )
-        # The live model is fused now: its base weights are the plain model.
-        self.save_checkpoint(label=f"stage_{finished + 1}", fused=False)
+        with BackgroundEffectiveRanks() as ranking:
+            record_ranks = None
+            if ended.weight_changes is not None:  # rank zero, which logs them
+                ranking.submit(ended.weight_changes)
+                record_ranks = lambda: self._log_effective_ranks(finished + 1, ranking.join())  # noqa: E731
+            # The live model is fused now: its base weights are the plain model.
+            self.save_checkpoint(label=f"stage_{finished + 1}", fused=False, before_state=record_ranks)
         utils.log_rank_zero(
             log, f"stage {finished + 1} boundary took {time.perf_counter() - start:.3f}s (fusion, checks, checkpoint)"
         )
 
     # ----------------------------------------------------------- checkpoints
-    def save_checkpoint(self, label: str, fused: bool) -> None:
+    def save_checkpoint(self, label: str, fused: bool, before_state: Optional[Callable[[], None]] = None) -> None:
         """Write the plain model (HF in -> HF out) as ``output_dir/label`` and the resume state.
 
         ``fused=False``: the live model was just merged, so its base weights are
         the plain model. ``fused=True``: fuse a CPU copy, leaving training as is;
         it must reproduce the wrapped model on the probe batch, or nothing is saved.
+        ``before_state`` runs between the two: what must be on disk before a resume
+        could start from this checkpoint (a stage boundary's effective ranks).
         """
         fault_point(f"save:{label}")
         wrapped_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero)
@@ -454,6 +463,8 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             write_model_checkpoint(self._checkpointer, plain, self._output_dir, label, self.global_step)
             del plain
         del wrapped_sd
+        if before_state is not None:
+            before_state()
         fault_point(f"save_state:{label}")
         progress = Progress(self.epochs_run, self.global_step, self.steps_in_epoch, self.stage)
         save_recipe_state(

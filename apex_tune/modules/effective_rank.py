@@ -7,6 +7,8 @@ the stage, W' - W (W the stage's starting weights): that change is non-zero
 only on the tuned rows/columns, so the tuned slice gives it exactly.
 """
 
+from typing import Dict, List
+
 import torch
 
 
@@ -39,3 +41,8 @@ def effective_rank(matrix: torch.Tensor) -> float:
         return 0.0
     p = singular.div_(total)
     return float(torch.exp(-torch.special.xlogy(p, p).sum()))  # xlogy: 0 log 0 = 0
+
+
+def effective_ranks(changes: List[Dict[str, torch.Tensor]]) -> List[Dict[str, float]]:
+    """:func:`effective_rank` of each change in per-layer {projection: change}, same layout."""
+    return [{name: effective_rank(change) for name, change in layer.items()} for layer in changes]

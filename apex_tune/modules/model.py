@@ -3,7 +3,7 @@ it (the plain model), and report its size. Which layers and projections it wraps
 :mod:`apex_tune.modules.geometry`.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -193,7 +193,9 @@ def reset_apex_parameters(model: nn.Module, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def fold_apex_(model: nn.Module, seed: int = 0, effective_ranks: bool = False) -> Optional[List[Dict[str, float]]]:
+def fold_apex_(
+    model: nn.Module, seed: int = 0, effective_ranks: bool = False, weight_changes: bool = False
+) -> Optional[List[Dict[str, Any]]]:
     """Stage boundary: fold W' (with delta) into the base weights, then reset the operators.
 
     The model keeps its wrappers and computes the same function before and after.
@@ -202,24 +204,34 @@ def fold_apex_(model: nn.Module, seed: int = 0, effective_ranks: bool = False) -
     operators are frozen into the layer's ``apex_history`` (see :mod:`apex_tune.modules.nf4`).
 
     With ``effective_ranks``, returns per layer {projection name: effective rank of
-    its change over the stage, W' - W} (see :mod:`apex_tune.modules.effective_rank`);
-    layers over a quantized base report nothing (their fold is deferred).
+    its change over the stage, W' - W} (see :mod:`apex_tune.modules.effective_rank`),
+    computed here. With ``weight_changes`` instead, returns per layer {projection name:
+    that change, the tuned slice's W'_T - W_T in fp32 on the CPU}, for the caller to
+    rank later (off the boundary's critical path); from a CUDA model the copies are
+    asynchronous, so the caller synchronizes with the current stream before reading
+    them. Layers over a quantized base report nothing (their fold is deferred).
     """
-    ranks = []
+    if effective_ranks and weight_changes:
+        raise ValueError("fold_apex_ returns either effective_ranks or weight_changes, not both")
+    changes = []
     for layer in wrapped_layers(model):
-        layer_ranks = {}
+        layer_changes = {}
         for kind in layer.expanded_kinds:
             history = layer.history(kind)
             if history is not None:
                 history.freeze_(layer.expansion(kind), dict(layer.named_wrappers(kind)))
                 continue
             for name, wrapper in layer.named_wrappers(kind):
-                change = wrapper.fold_()
-                if effective_ranks and wrapper.apex_history is None:
-                    layer_ranks[name] = effective_rank(change)
-        ranks.append(layer_ranks)
+                change = wrapper.fold_()  # a fresh fp32 tensor: nothing else holds or writes it
+                if wrapper.apex_history is not None:
+                    continue
+                if effective_ranks:  # ranked now: the slice is freed before the next one is folded
+                    layer_changes[name] = effective_rank(change)
+                elif weight_changes:
+                    layer_changes[name] = change.detach().to("cpu", non_blocking=change.is_cuda)
+        changes.append(layer_changes)
     reset_apex_parameters(model, seed)
-    return ranks if effective_ranks else None
+    return changes if effective_ranks or weight_changes else None
 
 
 @torch.no_grad()

@@ -53,12 +53,14 @@ def first_nonfinite_parameter(model: nn.Module) -> Optional[str]:
 class StageEnd(NamedTuple):
     """What :func:`end_stage` did and measured: the probe logits' relative change across
     the fold (None without a probe), per layer {projection: effective rank} (None unless
-    asked), the next stage's units and the scores behind them (None and {} when kept)."""
+    asked), the next stage's units and the scores behind them (None and {} when kept),
+    and per layer {projection: weight change} to be ranked later (None unless asked)."""
 
     difference: Optional[float]
     effective_ranks: Optional[List[Dict[str, float]]]
     selection: Optional[List[LayerSelection]]
     scores: dict
+    weight_changes: Optional[List[Dict[str, torch.Tensor]]] = None
 
 
 def choose_selection(
@@ -94,6 +96,7 @@ def end_stage(
     seed: int,
     probe: Optional[Callable[[], torch.Tensor]] = None,
     effective_ranks: bool = False,
+    weight_changes: bool = False,
 ) -> StageEnd:
     """The stage boundary, in place: check, re-select, fold in fp32, reset.
 
@@ -102,7 +105,9 @@ def end_stage(
     operators. With ``probe`` (a function giving the model's logits on a fixed batch)
     the result has the relative difference of those logits across the fold, which
     must be rounding only; with ``effective_ranks``, the effective rank of each wrapped
-    projection's change over the stage (:func:`~apex_tune.modules.model.fold_apex_`).
+    projection's change over the stage (:func:`~apex_tune.modules.model.fold_apex_`);
+    with ``weight_changes`` instead, those changes, for
+    :class:`~apex_tune.training.effective_ranks.BackgroundEffectiveRanks` to rank.
     Raises :class:`NonFiniteParameterError` before touching anything.
     """
     name = first_nonfinite_parameter(model)
@@ -110,11 +115,13 @@ def end_stage(
         raise NonFiniteParameterError(name)
     next_units, scores = choose_selection(model, ranker, selection, seed) if selection else (None, {})
     before = probe() if probe is not None else None
-    ranks = fold_apex_(model, seed=seed, effective_ranks=effective_ranks)
+    folded = fold_apex_(model, seed=seed, effective_ranks=effective_ranks, weight_changes=weight_changes)
     difference = relative_difference(before, probe()) if probe is not None else None
     if next_units is not None:
         set_selection(model, next_units)
     if ranker is not None:
         ranker.reset()
     reset_optimizer_state_(optimizer)
-    return StageEnd(difference, ranks, next_units, scores)
+    return StageEnd(
+        difference, folded if effective_ranks else None, next_units, scores, folded if weight_changes else None
+    )
