@@ -13,11 +13,15 @@ base's (APEX + delta, as in bench/quality.py):
   rank, fp32 on CPU, random base weights) runs ``BOUNDARY_STAGES`` short stages;
   "a stage boundary" is the recipe's whole ``_stage_boundary``: re-selection from
   the stage's activation scores, ``end_stage`` (finiteness check, the probe batch
-  before and after the fold, the fold, the effective ranks, operator, ranker and
+  before and after the fold, the fold handing back the changes, operator, ranker and
   optimizer reset), logging, and the checkpoint the recipe saves at every
   boundary (the plain model through torchtune's HF checkpointer plus the resume
-  state). The time spent inside the effective-rank computation is timed directly,
-  per boundary; reported as a share of that boundary (median over boundaries).
+  state). The effective ranks are computed on a background thread while the model
+  checkpoint is written (``apex_tune/training/effective_ranks.py``); the bench
+  records them at half the boundaries (interleaved with, without, without, with,
+  ...) and reports, per adjacent pair, the boundary's extra wall time with them as a
+  share of the one without (median and max over pairs), the worker's wall and CPU
+  time, and how long the boundary waited for the worker at the join.
 - ``fusion``: ``fold_apex_`` alone with and without ``effective_ranks=True``,
   interleaved, median of many repeats, against a training step of the same model.
 
@@ -37,13 +41,12 @@ import torch
 from omegaconf import OmegaConf
 
 from apex_tune import ApexSettings, apply_apex, fold_apex_, set_apex_trainable, set_selection
-import apex_tune.modules.model
 from apex_tune.dev.tiny import TINY_MODEL, make_tiny_assets, save_hf_llama, tiny_llama3
 from bench.common import MODEL, REPO, RESULTS_DIR, log, setup_torch, write_json
 from torchtune.models.llama3 import llama3
 
 REPEATS = 41
-BOUNDARY_STAGES = 12
+BOUNDARY_STAGES = 25  # 24 boundaries: 12 interleaved pairs, the last (no re-selection) left out
 STEPS_PER_STAGE = 2
 CASES = {
     "tiny (dev/tiny_apex, operators only)": (tiny_llama3, ApexSettings(ratio=0.25)),
@@ -113,16 +116,29 @@ def _recipe_config(assets: Path, output_dir: Path, model: dict, settings: ApexSe
 
 
 def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
-    """Run the recipe; time each stage boundary and the effective ranks inside it."""
+    """Run the recipe with the effective ranks recorded at some boundaries and not at
+    others (interleaved, ABBA: with, without, without, with, ...), timing each boundary,
+    the worker's time in the ranks, and how long the boundary waited for them."""
     import apex_finetune
+    import apex_tune.training.effective_ranks as background
 
-    seconds_in_rank = []
-    compute_rank = apex_tune.modules.model.effective_rank  # fold_apex_ looks it up at each call
+    stage_end, rank, join = apex_finetune.end_stage, background.effective_ranks, background.BackgroundEffectiveRanks.join
+    record = []  # per boundary: whether the ranks are recorded
+    worker_wall, worker_cpu, waited = {}, {}, {}
 
-    def timed_rank(change):
+    def end_stage(*args, weight_changes, **kwargs):
+        return stage_end(*args, weight_changes=weight_changes and record[-1], **kwargs)
+
+    def timed_rank(changes):
+        start, cpu = time.perf_counter(), time.thread_time()
+        value = rank(changes)
+        worker_wall[len(record) - 1], worker_cpu[len(record) - 1] = time.perf_counter() - start, time.thread_time() - cpu
+        return value
+
+    def timed_join(self):
         start = time.perf_counter()
-        value = compute_rank(change)
-        seconds_in_rank[-1] += time.perf_counter() - start
+        value = join(self)
+        waited[len(record) - 1] = time.perf_counter() - start
         return value
 
     boundary_seconds = []
@@ -135,33 +151,52 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
         stage_boundary = recipe._stage_boundary
 
         def timed_boundary():
-            seconds_in_rank.append(0.0)
+            record.append(len(record) % 4 in (0, 3))
             start = time.perf_counter()
             stage_boundary()
             boundary_seconds.append(time.perf_counter() - start)
 
         recipe._stage_boundary = timed_boundary
-        apex_tune.modules.model.effective_rank = timed_rank
+        apex_finetune.end_stage, background.effective_ranks = end_stage, timed_rank
+        background.BackgroundEffectiveRanks.join = timed_join
         try:
             recipe.setup(cfg=cfg)
             recipe.train()
         finally:
-            apex_tune.modules.model.effective_rank = compute_rank
+            apex_finetune.end_stage, background.effective_ranks = stage_end, rank
+            background.BackgroundEffectiveRanks.join = join
             recipe.cleanup()
             for key, value in launch_env.items():  # the recipe set a one-rank rendezvous; the next run picks its own
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-    shares = [100 * r / b for r, b in zip(seconds_in_rank, boundary_seconds)]
+    # Boundaries in pairs (one with, one without, adjacent): the last one has no re-selection
+    # and is left out, as is an unpaired one.
+    pairs = [(2 * i, 2 * i + 1) for i in range((len(boundary_seconds) - 1) // 2)]
+    shares = []
+    for a, b in pairs:
+        with_ranks, without = (a, b) if record[a] else (b, a)
+        shares.append(100 * (boundary_seconds[with_ranks] - boundary_seconds[without]) / boundary_seconds[without])
+    ranked = [i for i, r in enumerate(record) if r]
+    with_ms = [1e3 * boundary_seconds[i] for a, b in pairs for i in (a, b) if record[i]]
+    without_ms = [1e3 * boundary_seconds[i] for a, b in pairs for i in (a, b) if not record[i]]
     return {
         "boundaries": len(boundary_seconds),
+        "records_ranks": record,
         "boundary_ms": [round(1e3 * b, 2) for b in boundary_seconds],
-        "effective_rank_ms": [round(1e3 * r, 3) for r in seconds_in_rank],
-        "median_boundary_ms": 1e3 * statistics.median(boundary_seconds),
-        "median_effective_rank_ms": 1e3 * statistics.median(seconds_in_rank),
+        "median_boundary_with_ranks_ms": statistics.median(with_ms),
+        "median_boundary_without_ranks_ms": statistics.median(without_ms),
+        "pair_share_percent": [round(x, 2) for x in shares],
         "median_share_of_boundary_percent": statistics.median(shares),
         "max_share_of_boundary_percent": max(shares),
+        "worker_ms": [round(1e3 * worker_wall[i], 3) for i in ranked],
+        "worker_cpu_ms": [round(1e3 * worker_cpu[i], 3) for i in ranked],
+        "waited_at_join_ms": [round(1e3 * waited[i], 3) for i in ranked],
+        "median_worker_ms": 1e3 * statistics.median(worker_wall[i] for i in ranked),
+        "median_worker_cpu_ms": 1e3 * statistics.median(worker_cpu[i] for i in ranked),
+        "median_waited_at_join_ms": 1e3 * statistics.median(waited[i] for i in ranked),
+        "max_waited_at_join_ms": 1e3 * max(waited[i] for i in ranked),
     }
 
 
@@ -197,9 +232,11 @@ def main() -> None:
             cost[name] = {"boundary": boundary(geometry, settings, Path(assets)), "fusion": measure(build, settings)}
             b = cost[name]["boundary"]
             log(
-                f"{name}: stage boundary {b['median_boundary_ms']:.1f} ms, of which effective ranks "
-                f"{b['median_effective_rank_ms']:.2f} ms = {b['median_share_of_boundary_percent']:.2f}% "
-                f"(max {b['max_share_of_boundary_percent']:.2f}%) over {b['boundaries']} boundaries"
+                f"{name}: stage boundary {b['median_boundary_without_ranks_ms']:.1f} ms without the effective "
+                f"ranks, {b['median_boundary_with_ranks_ms']:.1f} ms with; paired share "
+                f"{b['median_share_of_boundary_percent']:.2f}% median, {b['max_share_of_boundary_percent']:.2f}% max; "
+                f"worker {b['median_worker_ms']:.2f} ms ({b['median_worker_cpu_ms']:.2f} ms CPU), waited at join "
+                f"{b['median_waited_at_join_ms']:.2f} ms median, {b['max_waited_at_join_ms']:.2f} ms max"
             )
     if args.cost_only:
         comparison = json.loads((RESULTS_DIR / "effective_rank.json").read_text())["comparison"]
