@@ -22,7 +22,8 @@ base's (APEX + delta, as in bench/quality.py):
   ...) and reports, per adjacent pair, the boundary's extra wall time with them as a
   share of the one without (median and max over pairs), the worker's wall and CPU
   time, and how long the boundary waited for the worker at the join.
-- ``fusion``: ``fold_apex_`` alone with and without ``effective_ranks=True``,
+- ``fusion``: ``fold_apex_`` alone plain, with ``effective_ranks=True`` (the
+  synchronous path) and with ``weight_changes=True`` (what the recipe does),
   interleaved, median of many repeats, against a training step of the same model.
 
 Writes bench/results/effective_rank.json; ``--cost-only`` reruns the cost part and
@@ -69,16 +70,19 @@ def measure(build, settings: ApexSettings) -> dict:
     apply_apex(model, settings)
     set_apex_trainable(model, settings)
     set_selection(model, _selection(model, settings, 0))
-    with_ranks, without = [], []
+    arms = {"ranks": dict(effective_ranks=True), "changes": dict(weight_changes=True), "plain": {}}
+    times = {arm: [] for arm in arms}
     for i in range(REPEATS):
         with torch.no_grad():  # operators off identity, as after a stage
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.01 * torch.randn(p.shape))
-        for flag, times in ((True, with_ranks), (False, without)) if i % 2 else ((False, without), (True, with_ranks)):
+        order = list(arms) if i % 2 else list(reversed(arms))
+        for arm in order:
             start = time.perf_counter()
-            fold_apex_(model, seed=i, effective_ranks=flag)
-            times.append(time.perf_counter() - start)
+            fold_apex_(model, seed=i, **arms[arm])
+            times[arm].append(time.perf_counter() - start)
+    with_ranks, without, with_changes = times["ranks"], times["plain"], times["changes"]
     tokens = torch.randint(0, model.tok_embeddings.num_embeddings, (4, 128))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     steps = []
@@ -93,6 +97,7 @@ def measure(build, settings: ApexSettings) -> dict:
     return {
         "merge_ms": 1e3 * merge,
         "merge_with_effective_rank_ms": 1e3 * merge_ranked,
+        "merge_handing_back_changes_ms": 1e3 * statistics.median(with_changes),
         "effective_rank_extra_ms": 1e3 * extra,
         "extra_vs_merge_percent": 100 * extra / merge,
         "train_step_ms (batch 4 x 128)": 1e3 * step,

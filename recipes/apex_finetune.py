@@ -77,7 +77,7 @@ from apex_tune.training.run_options import (
     steps_per_epoch,
 )
 from apex_tune.training.effective_ranks import BackgroundEffectiveRanks
-from apex_tune.training.selection_log import log_effective_ranks, log_selection
+from apex_tune.training.selection_log import log_selection, log_stage_end
 from apex_tune.training.stages import NonFiniteParameterError, choose_selection, end_stage
 from apex_tune.training.testing import fault_point
 
@@ -244,12 +244,17 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         if self._is_rank_zero:
             log_selection(self._output_dir, self.stage + 1, step, selection, scores)
 
-    def _log_effective_ranks(self, stage: int, ranks) -> None:
-        """Stage ``stage``'s effective rank of W' - W per layer and projection: into the
-        selection log, and the mean over layers into the metric log."""
-        if not self._is_rank_zero or not any(ranks):  # a quantized base defers its fold: nothing to rank
+    def _log_stage_end(self, stage: int, ranks, selection, scores: dict) -> None:
+        """Stage ``stage``'s effective rank of W' - W per layer and projection and the next
+        stage's selection (None at the last boundary) into the selection log, in one
+        rewrite; the mean ranks over layers into the metric log."""
+        if not self._is_rank_zero:
             return
-        self._metric_logger.log_dict(log_effective_ranks(self._output_dir, stage, ranks), step=self.global_step)
+        if not any(ranks or []):  # a quantized base defers its fold: nothing to rank
+            ranks = None
+        means = log_stage_end(self._output_dir, stage, ranks, self.global_step, selection, scores)
+        if means:
+            self._metric_logger.log_dict(means, step=self.global_step)
 
     # ------------------------------------------------------------- training
     def train(self) -> None:
@@ -399,7 +404,8 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         """Fuse in fp32, re-select from the stage's scores, reset operators, ranker and
         optimizer state (apex_tune.training.stages.end_stage, shared with the benchmarks).
         The stage's effective ranks are computed on a background thread while the model
-        checkpoint is written, and recorded before the resume state marks it complete."""
+        checkpoint is written; they and the next stage's selection are logged before the
+        resume state marks the checkpoint complete."""
         start = time.perf_counter()
         finished = self.stage
         last = finished == len(self.stage_ends) - 1
@@ -416,20 +422,21 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         fuse_seconds = time.perf_counter() - start
         check_fusion(ended.difference, self.options.fusion_tolerance, f"stage {finished + 1} fusion at step {self.global_step}")
         self.stage += 1
-        if ended.selection is not None:
-            self._log_selection(ended.selection, step=self.global_step, scores=ended.scores)
         utils.log_rank_zero(
             log,
             f"stage {finished + 1} done at step {self.global_step}: fused in {fuse_seconds:.3f}s, "
             f"fused-vs-wrapped difference {ended.difference:.2e} on the probe batch",
         )
         with BackgroundEffectiveRanks() as ranking:
-            record_ranks = None
             if ended.weight_changes is not None:  # rank zero, which logs them
                 ranking.submit(ended.weight_changes)
-                record_ranks = lambda: self._log_effective_ranks(finished + 1, ranking.join())  # noqa: E731
+
+            def write_stage_logs() -> None:  # after the model checkpoint, before the resume state
+                ranks = ranking.join() if ended.weight_changes is not None else None
+                self._log_stage_end(finished + 1, ranks, ended.selection, ended.scores)
+
             # The live model is fused now: its base weights are the plain model.
-            self.save_checkpoint(label=f"stage_{finished + 1}", fused=False, before_state=record_ranks)
+            self.save_checkpoint(label=f"stage_{finished + 1}", fused=False, before_state=write_stage_logs)
         utils.log_rank_zero(
             log, f"stage {finished + 1} boundary took {time.perf_counter() - start:.3f}s (fusion, checks, checkpoint)"
         )
