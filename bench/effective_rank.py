@@ -21,7 +21,8 @@ base's (APEX + delta, as in bench/quality.py):
   records them at half the boundaries (interleaved with, without, without, with,
   ...) and reports, per adjacent pair, the boundary's extra wall time with them as a
   share of the one without (median and max over pairs), the worker's wall and CPU
-  time, and how long the boundary waited for the worker at the join.
+  time, how long the boundary waited for the worker at the join, and the CPU time
+  of the recipe's own thread per boundary.
 - ``fusion``: ``fold_apex_`` alone plain, with ``effective_ranks=True`` (the
   synchronous path) and with ``weight_changes=True`` (what the recipe does),
   interleaved, median of many repeats, against a training step of the same model.
@@ -47,7 +48,7 @@ from bench.common import MODEL, REPO, RESULTS_DIR, log, setup_torch, write_json
 from torchtune.models.llama3 import llama3
 
 REPEATS = 41
-BOUNDARY_STAGES = 25  # 24 boundaries: 12 interleaved pairs, the last (no re-selection) left out
+BOUNDARY_STAGES = 41  # 20 interleaved pairs; the last boundary (no re-selection) is left out
 STEPS_PER_STAGE = 2
 CASES = {
     "tiny (dev/tiny_apex, operators only)": (tiny_llama3, ApexSettings(ratio=0.25)),
@@ -146,7 +147,7 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
         waited[len(record) - 1] = time.perf_counter() - start
         return value
 
-    boundary_seconds = []
+    boundary_seconds, main_cpu_seconds = [], []  # wall, and CPU of the recipe's own thread
     launch_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     with tempfile.TemporaryDirectory() as output_dir:
         torch.manual_seed(0)
@@ -157,9 +158,10 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
 
         def timed_boundary():
             record.append(len(record) % 4 in (0, 3))
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             stage_boundary()
             boundary_seconds.append(time.perf_counter() - start)
+            main_cpu_seconds.append(time.thread_time() - cpu)
 
         recipe._stage_boundary = timed_boundary
         apex_finetune.end_stage, background.effective_ranks = end_stage, timed_rank
@@ -186,12 +188,17 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
     ranked = [i for i, r in enumerate(record) if r]
     with_ms = [1e3 * boundary_seconds[i] for a, b in pairs for i in (a, b) if record[i]]
     without_ms = [1e3 * boundary_seconds[i] for a, b in pairs for i in (a, b) if not record[i]]
+    main_cpu_with = [1e3 * main_cpu_seconds[i] for a, b in pairs for i in (a, b) if record[i]]
+    main_cpu_without = [1e3 * main_cpu_seconds[i] for a, b in pairs for i in (a, b) if not record[i]]
     return {
         "boundaries": len(boundary_seconds),
         "records_ranks": record,
         "boundary_ms": [round(1e3 * b, 2) for b in boundary_seconds],
         "median_boundary_with_ranks_ms": statistics.median(with_ms),
         "median_boundary_without_ranks_ms": statistics.median(without_ms),
+        "main_thread_cpu_ms": [round(1e3 * c, 2) for c in main_cpu_seconds],
+        "median_main_thread_cpu_with_ranks_ms": statistics.median(main_cpu_with),
+        "median_main_thread_cpu_without_ranks_ms": statistics.median(main_cpu_without),
         "pair_share_percent": [round(x, 2) for x in shares],
         "median_share_of_boundary_percent": statistics.median(shares),
         "max_share_of_boundary_percent": max(shares),
@@ -232,7 +239,8 @@ def main() -> None:
     threads = setup_torch()
     cost = {"torch_threads": threads}
     with tempfile.TemporaryDirectory() as assets:
-        make_tiny_assets(Path(assets), num_train=200, num_val=20)
+        # batches of 8 (dev/tiny_apex): enough rows for every stage in one epoch
+        make_tiny_assets(Path(assets), num_train=8 * BOUNDARY_STAGES * STEPS_PER_STAGE, num_val=20)
         for (name, (build, settings)), geometry in zip(CASES.items(), (TINY_MODEL, MODEL)):
             cost[name] = {"boundary": boundary(geometry, settings, Path(assets)), "fusion": measure(build, settings)}
             b = cost[name]["boundary"]
@@ -241,7 +249,9 @@ def main() -> None:
                 f"ranks, {b['median_boundary_with_ranks_ms']:.1f} ms with; paired share "
                 f"{b['median_share_of_boundary_percent']:.2f}% median, {b['max_share_of_boundary_percent']:.2f}% max; "
                 f"worker {b['median_worker_ms']:.2f} ms ({b['median_worker_cpu_ms']:.2f} ms CPU), waited at join "
-                f"{b['median_waited_at_join_ms']:.2f} ms median, {b['max_waited_at_join_ms']:.2f} ms max"
+                f"{b['median_waited_at_join_ms']:.2f} ms median, {b['max_waited_at_join_ms']:.2f} ms max; "
+                f"recipe thread's CPU {b['median_main_thread_cpu_without_ranks_ms']:.1f} ms without, "
+                f"{b['median_main_thread_cpu_with_ranks_ms']:.1f} ms with"
             )
     if args.cost_only:
         comparison = json.loads((RESULTS_DIR / "effective_rank.json").read_text())["comparison"]
