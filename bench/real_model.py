@@ -19,6 +19,7 @@ Results are written to ``bench/results/real_model.json`` after every finished me
 import argparse
 import fcntl
 import json
+import math
 import os
 import re
 import statistics
@@ -89,11 +90,13 @@ APEX_STAGES = 2
 
 @dataclass(frozen=True)
 class Plan:
-    # Sized to what finished on a shared 2-core CPU (one process per method, each getting
-    # about a tenth of a core): see README "Results on a real model".
-    report_problems: int = 100
+    # Sized to about an hour of background compute on a shared 2-core CPU, two processes
+    # with one torch thread each (see README "Results on a real model"): measured before
+    # the run, a LoRA step at batch 4 took ~6 s, a full step ~8 s, and evaluating 200
+    # reporting problems (answer loss + greedy generation) several minutes.
+    report_problems: int = 200
     val_problems: int = 32
-    steps: int = 12
+    steps: int = 30
     batch: int = 4
     max_len: int = 256  # prompt + answer tokens per example; longer ones are truncated
     max_new_tokens: int = 160  # a tuned model's answers average ~96 tokens
@@ -103,16 +106,18 @@ class Plan:
 
 
 # name -> (label, learning rates tried on the validation slice, or the method whose
-# chosen rate it takes: DoRA LoRA's, the random-selection ablation APEX's). One rate
-# each in the committed run (no sweep fitted the compute); a tuple of several is a sweep.
+# chosen rate it takes: DoRA LoRA's, the random-selection ablation APEX's). Two rates per
+# main method: the rate of the first (12-step) run and one neighbour; more steps fitted the
+# compute better than more rates. The large APEX setting runs once, at full fine-tuning's
+# first rate (it runs beside full fine-tuning, so it cannot wait for full's choice).
 METHODS: Dict[str, Tuple[str, Union[Tuple[float, ...], str]]] = {
     "base": ("base model (no tuning)", ()),
-    "lora": ("LoRA r8, all linear layers", (1e-3,)),
-    "apex_matched": ("APEX + delta at LoRA r8's budget", (3e-4,)),
-    "apex_operators": ("APEX, operators only", (1e-2,)),
+    "lora": ("LoRA r8, all linear layers", (1e-3, 3e-3)),
+    "apex_matched": ("APEX + delta at LoRA r8's budget", (3e-4, 1e-3)),
+    "apex_operators": ("APEX, operators only", (3e-3, 1e-2)),
     "apex_random": ("APEX + delta at LoRA r8's budget, random selection", "apex_matched"),
     "dora": ("DoRA r8, all linear layers", "lora"),
-    "full": ("full fine-tuning", (5e-5,)),
+    "full": ("full fine-tuning", (5e-5, 1e-4)),
     "apex_large": ("APEX + delta + embeddings (the paper's large setting)", (5e-5,)),
 }
 
@@ -349,10 +354,10 @@ def table(results: dict) -> str:
     plan = results["plan"]
     lines = [
         f"| method | trainable | % of 134.5M | lr (val answer loss per lr tried) | val answer loss | answer loss | "
-        f"exact match (#### N) | exact match (last number) | train s |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        f"exact match (#### N) | exact match (last number) | train s | CPU s, all |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    total = results["base_params"]
+    total, n = results["base_params"], plan["report_problems"]
     for name, r in results["methods"].items():
         if "report" not in r:
             continue
@@ -363,16 +368,24 @@ def table(results: dict) -> str:
         lines.append(
             f"| {r['label']} | {r['trainable']:,} | {100 * r['trainable'] / total:.2f} | "
             f"{format(r['lr'], 'g') if 'lr' in r else '-'}{f' ({tried})' if tried else ''} | "
-            f"{val_loss} | {rep['answer_loss']:.3f} | {100 * rep['exact_match']:.1f}% | "
-            f"{100 * rep['exact_match_last_number']:.1f}% | {r.get('train_seconds', 0):.0f} |"
+            f"{val_loss} | {rep['answer_loss']:.3f} | {percent_with_error(rep['exact_match'], n)} | "
+            f"{percent_with_error(rep['exact_match_last_number'], n)} | {r.get('train_seconds', 0):.0f} | "
+            f"{r.get('cpu_seconds', 0):.0f} |"
         )
-    n = plan["report_problems"]
+    cpu = sum(r.get("cpu_seconds", 0) for r in results["methods"].values())
     lines.append("")
     lines.append(
-        f"Reporting slice: {n} GSM8K problems (exact match: one problem = {100 / n:.1f} points); "
-        f"training: {plan['steps']} steps x {plan['batch']} problems, at most {plan['max_len']} tokens each."
+        f"Reporting slice: {n} GSM8K problems (exact match: one problem = {100 / n:.1f} points; ± is the "
+        f"binomial standard error sqrt(p(1-p)/{n})); validation slice: {plan['val_problems']} problems; training: "
+        f"{plan['steps']} steps x {plan['batch']} problems ({results['data']['train_answer_tokens']:,} answer "
+        f"tokens), at most {plan['max_len']} tokens each; greedy answers capped at {plan['max_new_tokens']} new "
+        f"tokens. CPU time of the methods above: {cpu / 60:.0f} min (one torch thread per process)."
     )
     return "\n".join(lines) + "\n"
+
+
+def percent_with_error(p: float, n: int) -> str:
+    return f"{100 * p:.1f}% ± {100 * math.sqrt(p * (1 - p) / n):.1f}"
 
 
 def main(argv=None) -> None:
@@ -427,7 +440,7 @@ def main(argv=None) -> None:
                 log(f"{method}: skipped, it takes {lrs}'s learning rate and {lrs} has no result yet")
                 continue
             lrs = (done[lrs]["lr"],)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if method == "base":
             best = base_model(state)
             record = dict(label=label, trainable=0)
@@ -446,6 +459,7 @@ def main(argv=None) -> None:
                 del model
         record["report"] = report.evaluate(best)
         record["wall_seconds"] = time.perf_counter() - start
+        record["cpu_seconds"] = time.process_time() - cpu_start  # this method's compute, all its rates and evaluations
         rep = record["report"]
         log(f"{method}: answer loss {rep['answer_loss']:.4f}, exact match {rep['exact_match']:.3f} "
             f"(last number {rep['exact_match_last_number']:.3f}), wall {record['wall_seconds']:.0f}s")
