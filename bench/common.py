@@ -332,11 +332,18 @@ def lora_model(state: Dict[str, torch.Tensor], rank: int, dora: bool, seed: int,
     model = lora_llama3(
         LORA_MODULES, apply_lora_to_mlp=True, lora_rank=rank, lora_alpha=2 * rank, use_dora=dora, **config
     )
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    return load_base_into_adapter_model(model, state)
+
+
+def load_base_into_adapter_model(model: nn.Module, state: Dict[str, torch.Tensor], assign: bool = False) -> nn.Module:
+    """Base weights into a torchtune LoRA/DoRA model (only adapter keys may be missing), DoRA
+    magnitudes initialised after the base is in (as torchtune's recipes do), only the adapters
+    trainable."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     assert not unexpected and all("lora" in k or "magnitude" in k for k in missing), (missing, unexpected)
     for module in model.modules():
         if isinstance(module, DoRALinear):
-            module.initialize_dora_magnitude()  # after the base weights are in, as torchtune's recipes do
+            module.initialize_dora_magnitude()
     set_trainable_params(model, get_adapter_params(model))
     return model
 

@@ -54,11 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
-from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params, set_trainable_params
+from torchtune.modules.peft import LoRALinear, get_adapter_params
 from torchtune.training import set_default_dtype
 
 from apex_tune import ActivationRanker, ApexSettings, MonarchMatrix, apply_apex, random_selection, set_apex_trainable, set_selection
-from bench.common import count_trainable, log, setup_torch, token_loss, write_json
+from bench.common import count_trainable, load_base_into_adapter_model, log, setup_torch, token_loss, write_json
 
 LAYERS = 2
 LLAMA_1B_SHAPES = dict(
@@ -66,6 +66,7 @@ LLAMA_1B_SHAPES = dict(
     max_seq_len=2048, rope_base=500_000, scale_factor=32, tie_word_embeddings=True,
 )
 BATCH, SEQ = 2, 256
+OUTPUT_NAME = None  # set by --output
 ASSESS_BATCHES = 4
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "output_proj"]
 APEX_OPS = ApexSettings(ratio=0.1875)
@@ -144,13 +145,7 @@ def lora_model(state, rank: int, dora: bool, dtype, device) -> nn.Module:
             LORA_MODULES, apply_lora_to_mlp=True, lora_rank=rank, lora_alpha=2 * rank, use_dora=dora,
             **LLAMA_1B_SHAPES,
         )
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    assert not unexpected and all("lora" in k or "magnitude" in k for k in missing), (missing, unexpected)
-    for module in model.modules():
-        if isinstance(module, DoRALinear):
-            module.initialize_dora_magnitude()
-    set_trainable_params(model, get_adapter_params(model))
-    return model
+    return load_base_into_adapter_model(model, state, assign=True)
 
 
 def apex_model(state, settings: ApexSettings, dtype, device, batches) -> tuple:
@@ -530,7 +525,7 @@ def run_cost(full: bool, device: torch.device) -> dict:
     results["targets"] = targets(results)
     results["wall_s"] = time.perf_counter() - T0
     results["load_average_1min_at_end"] = os.getloadavg()[0]
-    write_json("cost.json" if device.type == "cpu" else f"cost_{device.type}.json", results)
+    write_json(OUTPUT_NAME or ("cost.json" if device.type == "cpu" else f"cost_{device.type}.json"), results)
     return results
 
 
@@ -625,10 +620,15 @@ def cost_markdown(results: dict) -> List[str]:
 
 
 def main() -> None:
+    global BATCH, SEQ, OUTPUT_NAME
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="more timing rounds, bf16 layer micro-benchmarks, 4x Monarch rows")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences per step (default {BATCH})")
+    parser.add_argument("--seq", type=int, default=SEQ, help=f"tokens per sequence (default {SEQ}; a GPU wants more)")
+    parser.add_argument("--output", default=None, help="file name under bench/results/ (default cost.json, cost_cuda.json on CUDA)")
     args = parser.parse_args()
+    BATCH, SEQ, OUTPUT_NAME = args.batch, args.seq, args.output
     print_summary(run_cost(args.full, torch.device(args.device)))
 
 

@@ -36,7 +36,7 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
 from torchtune.modules import KVCache
 from torchtune.modules.common_utils import local_kv_cache
-from torchtune.modules.peft import DoRALinear, get_adapter_params, get_merged_lora_ckpt, set_trainable_params
+from torchtune.modules.peft import get_merged_lora_ckpt
 from torchtune.training import FullModelHFCheckpointer
 
 from apex_tune import ApexSettings, trainable_parameter_report
@@ -46,6 +46,7 @@ from bench.common import (
     RESULTS_DIR,
     ApexRun,
     clean_answer,
+    load_base_into_adapter_model,
     count_trainable,
     final_number,
     log,
@@ -209,13 +210,7 @@ def lora_model(state: Dict[str, torch.Tensor], dora: bool, seed: int) -> nn.Modu
         ALL_LINEAR, apply_lora_to_mlp=True, lora_rank=LORA_RANK, lora_alpha=2 * LORA_RANK, use_dora=dora,
         tie_word_embeddings=True, **SMOLLM2,
     )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("lora" in k or "magnitude" in k for k in missing), (missing, unexpected)
-    for module in model.modules():
-        if isinstance(module, DoRALinear):
-            module.initialize_dora_magnitude()
-    set_trainable_params(model, get_adapter_params(model))
-    return model
+    return load_base_into_adapter_model(model, state)
 
 
 def merged_lora(model: nn.Module) -> nn.Module:
@@ -353,8 +348,8 @@ def train_method(method: str, lr: float, state, batches, assess_batches, seed: i
 def table(results: dict) -> str:
     plan = results["plan"]
     lines = [
-        f"| method | trainable | % of 134.5M | lr (val answer loss per lr tried) | val answer loss | answer loss | "
-        f"exact match (#### N) | exact match (last number) | train s | CPU s, all |",
+        "| method | trainable | % of 134.5M | lr (val answer loss per lr tried) | val answer loss | answer loss | "
+        "exact match (#### N) | exact match (last number) | train s | CPU s, all |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     total, n = results["base_params"], plan["report_problems"]
