@@ -19,7 +19,7 @@ from torchtune import training, utils
 
 from apex_tune.training.testing import fault_point
 from apex_tune.training.inputs import InputError, safetensors_header
-from apex_tune.training.distributed import check_same_resume_point
+from apex_tune.training.distributed import build_rope_caches_, check_same_resume_point
 from apex_tune.training.run_options import ConfigError
 from apex_tune.modules.model import (
     apply_apex,
@@ -507,10 +507,8 @@ def plain_state_dict(
     set_selection(model, selection)
     difference = None
     if probe_tokens is not None:
-        for m in model.modules():
-            if hasattr(m, "rope_init"):
-                with torch.device("cpu"):
-                    m.rope_init()
+        with torch.device("cpu"):
+            build_rope_caches_(model)
         model.eval()
         wrapped_logits = model(probe_tokens.cpu())
     unwrap_apex(model)

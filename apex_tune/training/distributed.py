@@ -97,9 +97,15 @@ def shard_apex_model(
         dp_mesh=mesh,
     )
     with training.set_default_dtype(dtype), device:
-        for m in model.modules():
-            if hasattr(m, "rope_init"):
-                m.rope_init()
+        build_rope_caches_(model)
+
+
+def build_rope_caches_(model: nn.Module) -> None:
+    """(Re)build the RoPE caches of a model built on the meta device, on the current
+    default device and dtype: they are buffers outside the state dict, so no load fills them."""
+    for m in model.modules():
+        if hasattr(m, "rope_init"):
+            m.rope_init()
 
 
 def load_base_state(model: nn.Module, state_dict: Dict[str, torch.Tensor], device: torch.device) -> None:
