@@ -16,13 +16,15 @@ base's (APEX + delta, as in bench/quality.py):
   before and after the fold, the fold handing back the changes, operator, ranker and
   optimizer reset), logging, and the checkpoint the recipe saves at every
   boundary (the plain model through torchtune's HF checkpointer plus the resume
-  state). The effective ranks are computed on a background thread while the model
-  checkpoint is written (``apex_tune/training/effective_ranks.py``); the bench
-  records them at half the boundaries (interleaved with, without, without, with,
-  ...) and reports, per adjacent pair, the boundary's extra wall time with them as a
-  share of the one without (median and max over pairs), the worker's wall and CPU
-  time, how long the boundary waited for the worker at the join, and the CPU time
-  of the recipe's own thread per boundary.
+  state). The effective ranks are computed on a background thread after the
+  boundary, while the next stage trains, and that thread then makes the boundary's
+  resume state current (``apex_tune/training/effective_ranks.py``); the bench records
+  them at half the boundaries (interleaved with, without, without, with, ...) and
+  reports, per adjacent pair, the boundary's extra wall time with them as a share of
+  the one without (median and max over pairs), the same for the training of the
+  stage after the boundary (``STEPS_PER_STAGE`` steps: where the work went), the
+  worker's wall and CPU time, how long the recipe ever waited for the worker (at the
+  next save), and the CPU time of the recipe's own thread per boundary.
 - ``fusion``: ``fold_apex_`` alone plain, with ``effective_ranks=True`` (the
   synchronous path) and with ``weight_changes=True`` (what the recipe does),
   interleaved, median of many repeats, against a training step of the same model.
@@ -124,7 +126,8 @@ def _recipe_config(assets: Path, output_dir: Path, model: dict, settings: ApexSe
 def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
     """Run the recipe with the effective ranks recorded at some boundaries and not at
     others (interleaved, ABBA: with, without, without, with, ...), timing each boundary,
-    the worker's time in the ranks, and how long the boundary waited for them."""
+    the training of the stage after it (where the ranks are now computed), the worker's
+    time in the ranks, and any wait for them (at the next save)."""
     import apex_finetune
     import apex_tune.training.effective_ranks as background
 
@@ -148,6 +151,7 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
         return value
 
     boundary_seconds, main_cpu_seconds = [], []  # wall, and CPU of the recipe's own thread
+    boundary_ends = []  # when each boundary returned: the next stage's training starts there
     launch_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     with tempfile.TemporaryDirectory() as output_dir:
         torch.manual_seed(0)
@@ -160,7 +164,8 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
             record.append(len(record) % 4 in (0, 3))
             start, cpu = time.perf_counter(), time.thread_time()
             stage_boundary()
-            boundary_seconds.append(time.perf_counter() - start)
+            boundary_ends.append(time.perf_counter())
+            boundary_seconds.append(boundary_ends[-1] - start)
             main_cpu_seconds.append(time.thread_time() - cpu)
 
         recipe._stage_boundary = timed_boundary
@@ -178,37 +183,51 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+    # The training after boundary i: from its end to the start of boundary i + 1.
+    next_stage_seconds = [
+        (boundary_ends[i + 1] - boundary_seconds[i + 1]) - boundary_ends[i] for i in range(len(boundary_ends) - 1)
+    ]
     # Boundaries in pairs (one with, one without, adjacent): the last one has no re-selection
-    # and is left out, as is an unpaired one.
+    # nor a stage after it and is left out, as is an unpaired one.
     pairs = [(2 * i, 2 * i + 1) for i in range((len(boundary_seconds) - 1) // 2)]
-    shares = []
-    for a, b in pairs:
-        with_ranks, without = (a, b) if record[a] else (b, a)
-        shares.append(100 * (boundary_seconds[with_ranks] - boundary_seconds[without]) / boundary_seconds[without])
+
+    def paired_shares(seconds):
+        shares = []
+        for a, b in pairs:
+            with_ranks, without = (a, b) if record[a] else (b, a)
+            shares.append(100 * (seconds[with_ranks] - seconds[without]) / seconds[without])
+        return shares
+
+    def median_of(seconds, ranked: bool):
+        return statistics.median(1e3 * seconds[i] for a, b in pairs for i in (a, b) if record[i] == ranked)
+
+    shares, stage_shares = paired_shares(boundary_seconds), paired_shares(next_stage_seconds)
     ranked = [i for i, r in enumerate(record) if r]
-    with_ms = [1e3 * boundary_seconds[i] for a, b in pairs for i in (a, b) if record[i]]
-    without_ms = [1e3 * boundary_seconds[i] for a, b in pairs for i in (a, b) if not record[i]]
-    main_cpu_with = [1e3 * main_cpu_seconds[i] for a, b in pairs for i in (a, b) if record[i]]
-    main_cpu_without = [1e3 * main_cpu_seconds[i] for a, b in pairs for i in (a, b) if not record[i]]
     return {
         "boundaries": len(boundary_seconds),
+        "steps_per_stage": STEPS_PER_STAGE,
         "records_ranks": record,
         "boundary_ms": [round(1e3 * b, 2) for b in boundary_seconds],
-        "median_boundary_with_ranks_ms": statistics.median(with_ms),
-        "median_boundary_without_ranks_ms": statistics.median(without_ms),
+        "median_boundary_with_ranks_ms": median_of(boundary_seconds, True),
+        "median_boundary_without_ranks_ms": median_of(boundary_seconds, False),
         "main_thread_cpu_ms": [round(1e3 * c, 2) for c in main_cpu_seconds],
-        "median_main_thread_cpu_with_ranks_ms": statistics.median(main_cpu_with),
-        "median_main_thread_cpu_without_ranks_ms": statistics.median(main_cpu_without),
+        "median_main_thread_cpu_with_ranks_ms": median_of(main_cpu_seconds, True),
+        "median_main_thread_cpu_without_ranks_ms": median_of(main_cpu_seconds, False),
         "pair_share_percent": [round(x, 2) for x in shares],
         "median_share_of_boundary_percent": statistics.median(shares),
         "max_share_of_boundary_percent": max(shares),
+        "next_stage_training_ms": [round(1e3 * t, 2) for t in next_stage_seconds],
+        "median_next_stage_with_ranks_ms": median_of(next_stage_seconds, True),
+        "median_next_stage_without_ranks_ms": median_of(next_stage_seconds, False),
+        "next_stage_pair_share_percent": [round(x, 2) for x in stage_shares],
+        "median_share_of_next_stage_percent": statistics.median(stage_shares),
         "worker_ms": [round(1e3 * worker_wall[i], 3) for i in ranked],
         "worker_cpu_ms": [round(1e3 * worker_cpu[i], 3) for i in ranked],
-        "waited_at_join_ms": [round(1e3 * waited[i], 3) for i in ranked],
+        "waited_at_join_ms": [round(1e3 * waited[i], 3) for i in ranked if i in waited],
         "median_worker_ms": 1e3 * statistics.median(worker_wall[i] for i in ranked),
         "median_worker_cpu_ms": 1e3 * statistics.median(worker_cpu[i] for i in ranked),
-        "median_waited_at_join_ms": 1e3 * statistics.median(waited[i] for i in ranked),
-        "max_waited_at_join_ms": 1e3 * max(waited[i] for i in ranked),
+        "median_waited_at_join_ms": 1e3 * statistics.median(waited[i] for i in ranked if i in waited),
+        "max_waited_at_join_ms": 1e3 * max(waited[i] for i in ranked if i in waited),
     }
 
 
@@ -248,7 +267,10 @@ def main() -> None:
                 f"{name}: stage boundary {b['median_boundary_without_ranks_ms']:.1f} ms without the effective "
                 f"ranks, {b['median_boundary_with_ranks_ms']:.1f} ms with; paired share "
                 f"{b['median_share_of_boundary_percent']:.2f}% median, {b['max_share_of_boundary_percent']:.2f}% max; "
-                f"worker {b['median_worker_ms']:.2f} ms ({b['median_worker_cpu_ms']:.2f} ms CPU), waited at join "
+                f"the next stage's training ({STEPS_PER_STAGE} steps) {b['median_next_stage_without_ranks_ms']:.1f} ms "
+                f"without, {b['median_next_stage_with_ranks_ms']:.1f} ms with (paired share "
+                f"{b['median_share_of_next_stage_percent']:.2f}% median); "
+                f"worker {b['median_worker_ms']:.2f} ms ({b['median_worker_cpu_ms']:.2f} ms CPU), waited for it "
                 f"{b['median_waited_at_join_ms']:.2f} ms median, {b['max_waited_at_join_ms']:.2f} ms max; "
                 f"recipe thread's CPU {b['median_main_thread_cpu_without_ranks_ms']:.1f} ms without, "
                 f"{b['median_main_thread_cpu_with_ranks_ms']:.1f} ms with"

@@ -77,7 +77,9 @@ from apex_tune.training.run_options import (
     steps_per_epoch,
 )
 from apex_tune.training.effective_ranks import BackgroundEffectiveRanks
-from apex_tune.training.selection_log import log_selection, log_stage_end
+from apex_tune.training.selection_log import (
+    log_effective_ranks, log_selection, log_stage_end, mean_effective_ranks, record_effective_ranks,
+)
 from apex_tune.training.stages import NonFiniteParameterError, choose_selection, end_stage
 from apex_tune.training.testing import fault_point
 
@@ -146,6 +148,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
         )
         self._ranker = ActivationRanker(self._model, self.settings)
+        self._ranking = BackgroundEffectiveRanks()  # a stage's effective ranks, while the next one trains
         if resumed:
             self._restore(resumed)
         self._lr_scheduler = config.instantiate(
@@ -244,17 +247,15 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         if self._is_rank_zero:
             log_selection(self._output_dir, self.stage + 1, step, selection, scores)
 
-    def _log_stage_end(self, stage: int, ranks, selection, scores: dict) -> None:
-        """Stage ``stage``'s effective rank of W' - W per layer and projection and the next
-        stage's selection (None at the last boundary) into the selection log, in one
-        rewrite; the mean ranks over layers into the metric log."""
-        if not self._is_rank_zero:
+    def _finish_effective_ranks(self, wait: bool) -> None:
+        """Once the worker has ranked the last boundary's stage (and recorded the ranks and
+        made that boundary's resume state current), the mean ranks over layers into the
+        metric log; ``wait``: wait for it (before any other save, and at the end)."""
+        if not self._ranking.pending or not (wait or self._ranking.done()):
             return
-        if not any(ranks or []):  # a quantized base defers its fold: nothing to rank
-            ranks = None
-        means = log_stage_end(self._output_dir, stage, ranks, self.global_step, selection, scores)
-        if means:
-            self._metric_logger.log_dict(means, step=self.global_step)
+        ranks = self._ranking.join()
+        if self._is_rank_zero:
+            self._metric_logger.log_dict(mean_effective_ranks(ranks), step=self.global_step)
 
     # ------------------------------------------------------------- training
     def train(self) -> None:
@@ -307,6 +308,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
 
                 self._optimizer_step(stats, epoch, pbar, time.perf_counter() - t0)
                 stats.zero_()
+                self._finish_effective_ranks(wait=False)
                 fault_point(f"step:{self.global_step}")
                 if self.global_step == self.stage_ends[self.stage]:
                     self._stage_boundary()
@@ -318,7 +320,9 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             self.epochs_run += 1
             self.steps_in_epoch = 0
         pbar.close()
+        self._finish_effective_ranks(wait=True)
         if self._is_rank_zero:
+            log_effective_ranks(self._output_dir)
             log.info(f"data: {self._data_counts}")
 
     def _optimizer_step(self, stats: torch.Tensor, epoch: int, pbar: tqdm, elapsed: float) -> None:
@@ -402,10 +406,11 @@ class ApexFinetuneRecipe(FTRecipeInterface):
 
     def _stage_boundary(self) -> None:
         """Fuse in fp32, re-select from the stage's scores, reset operators, ranker and
-        optimizer state (apex_tune.training.stages.end_stage, shared with the benchmarks).
-        The stage's effective ranks are computed on a background thread while the model
-        checkpoint is written; they and the next stage's selection are logged before the
-        resume state marks the checkpoint complete."""
+        optimizer state (apex_tune.training.stages.end_stage, shared with the benchmarks),
+        log the next selection and save. The stage's effective ranks are computed after
+        the boundary, on a background thread while the next stage trains; that thread
+        records them and only then makes this boundary's resume state current, so a
+        resume always finds them (a crash before that resumes from the previous state)."""
         start = time.perf_counter()
         finished = self.stage
         last = finished == len(self.stage_ends) - 1
@@ -427,30 +432,42 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             f"stage {finished + 1} done at step {self.global_step}: fused in {fuse_seconds:.3f}s, "
             f"fused-vs-wrapped difference {ended.difference:.2e} on the probe batch",
         )
-        with BackgroundEffectiveRanks() as ranking:
-            if ended.weight_changes is not None:  # rank zero, which logs them
-                ranking.submit(ended.weight_changes)
 
-            def write_stage_logs() -> None:  # after the model checkpoint, before the resume state
-                ranks = ranking.join() if ended.weight_changes is not None else None
-                self._log_stage_end(finished + 1, ranks, ended.selection, ended.scores)
+        def write_selection_log() -> None:  # after the model checkpoint, before the resume state
+            if self._is_rank_zero:
+                log_stage_end(self._output_dir, finished + 1, self.global_step, ended.selection, ended.scores)
 
-            # The live model is fused now: its base weights are the plain model.
-            self.save_checkpoint(label=f"stage_{finished + 1}", fused=False, before_state=write_stage_logs)
+        # The live model is fused now: its base weights are the plain model.
+        changes = ended.weight_changes if any(ended.weight_changes or []) else None  # none over NF4
+        commit = self.save_checkpoint(
+            label=f"stage_{finished + 1}", fused=False, before_state=write_selection_log, defer_commit=changes is not None
+        )
+        if changes is not None:  # rank zero
+
+            def record_and_commit(ranks) -> None:
+                record_effective_ranks(self._output_dir, finished + 1, ranks)
+                commit()
+
+            self._ranking.submit(changes, then=record_and_commit)
         utils.log_rank_zero(
             log, f"stage {finished + 1} boundary took {time.perf_counter() - start:.3f}s (fusion, checks, checkpoint)"
         )
 
     # ----------------------------------------------------------- checkpoints
-    def save_checkpoint(self, label: str, fused: bool, before_state: Optional[Callable[[], None]] = None) -> None:
+    def save_checkpoint(
+        self, label: str, fused: bool, before_state: Optional[Callable[[], None]] = None, defer_commit: bool = False
+    ) -> Optional[Callable[[], None]]:
         """Write the plain model (HF in -> HF out) as ``output_dir/label`` and the resume state.
 
         ``fused=False``: the live model was just merged, so its base weights are
         the plain model. ``fused=True``: fuse a CPU copy, leaving training as is;
         it must reproduce the wrapped model on the probe batch, or nothing is saved.
         ``before_state`` runs between the two: what must be on disk before a resume
-        could start from this checkpoint (a stage boundary's effective ranks).
+        could start from this checkpoint (a stage boundary's selection log).
+        ``defer_commit``: rank 0 returns the last step, making the resume state current,
+        instead of taking it (see :func:`~apex_tune.training.checkpointing.write_recipe_state`).
         """
+        self._finish_effective_ranks(wait=True)  # the previous boundary's state is current first
         fault_point(f"save:{label}")
         wrapped_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero)
         ranker_state = self._ranker.state_dict()  # a collective: summed over ranks, kept by rank 0
@@ -474,13 +491,15 @@ class ApexFinetuneRecipe(FTRecipeInterface):
             before_state()
         fault_point(f"save_state:{label}")
         progress = Progress(self.epochs_run, self.global_step, self.steps_in_epoch, self.stage)
-        save_recipe_state(
+        commit = save_recipe_state(
             self._output_dir, label, model=self._model, optimizer=self._optimizer, dataloader=self._dataloader,
             ranker_state=ranker_state if self._is_rank_zero else None, selection=selection,
             data_counts=self._data_counts, progress=progress, seed=self.seed, total_steps=self.total_steps,
             epoch_done=self.steps_in_epoch >= self._steps_per_epoch, rank=self.rank, world_size=self.world_size,
+            defer_commit=defer_commit,
         )
         dist.barrier()
+        return commit
 
     def _build_model_in_run_dtype(self) -> nn.Module:
         with training.set_default_dtype(self._dtype):
@@ -500,6 +519,8 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         )
 
     def cleanup(self) -> None:
+        if hasattr(self, "_ranking"):  # after a failure too: a boundary's state still becomes current
+            self._ranking.close()
         if self._is_rank_zero and hasattr(self, "_metric_logger"):
             self._metric_logger.close()
         if dist.is_initialized():

@@ -226,10 +226,15 @@ def write_recipe_state(
     world_size: int,
     global_step: int,
     barrier: Callable[[], None],
-) -> None:
+    defer_commit: bool = False,
+) -> Optional[Callable[[], None]]:
     """Every rank writes its shard into ``apex_recipe_state/<label>/``; once all are on
     disk, rank 0 points ``latest.json`` at it (temporary name, fsync, rename) and removes
-    older states. A crash at any point leaves the previous state whole and current."""
+    older states. A crash at any point leaves the previous state whole and current.
+
+    With ``defer_commit``, rank 0 returns that last part (the commit) instead of running
+    it, for whoever must finish something first (the stage's effective ranks); until it
+    runs, a resume starts from the previous state. Other ranks return None."""
     root = Path(output_dir) / RECIPE_STATE_DIR
     folder = root / label
     if rank == 0:
@@ -249,17 +254,24 @@ def write_recipe_state(
     _write_synced(folder / f"rank_{rank}.json", json.dumps(meta).encode("utf-8"))
     barrier()
     if rank != 0:
-        return
-    _fsync_dir(folder)
-    manifest = {"format": STATE_FORMAT, "state": label, "world_size": world_size, "global_step": global_step}
-    tmp = root / f".{STATE_MANIFEST}.tmp"
-    _write_synced(tmp, json.dumps(manifest).encode("utf-8"))
-    fault_point(f"state_renaming:{label}")
-    os.replace(tmp, root / STATE_MANIFEST)
-    _fsync_dir(root)
-    for old in root.iterdir():
-        if old.is_dir() and old.name != label:
-            shutil.rmtree(old)
+        return None
+
+    def commit() -> None:
+        _fsync_dir(folder)
+        manifest = {"format": STATE_FORMAT, "state": label, "world_size": world_size, "global_step": global_step}
+        tmp = root / f".{STATE_MANIFEST}.tmp"
+        _write_synced(tmp, json.dumps(manifest).encode("utf-8"))
+        fault_point(f"state_renaming:{label}")
+        os.replace(tmp, root / STATE_MANIFEST)
+        _fsync_dir(root)
+        for old in root.iterdir():
+            if old.is_dir() and old.name != label:
+                shutil.rmtree(old)
+
+    if defer_commit:
+        return commit
+    commit()
+    return None
 
 
 def _read_json(path: Path, root: Path) -> Any:
@@ -361,8 +373,10 @@ def save_recipe_state(
     total_steps: int,
     rank: int,
     world_size: int,
-) -> None:
-    """Every rank saves its own shards (no gather) and rank 0 makes the state current.
+    defer_commit: bool = False,
+) -> Optional[Callable[[], None]]:
+    """Every rank saves its own shards (no gather) and rank 0 makes the state current
+    (with ``defer_commit``: returns the commit, see :func:`write_recipe_state`).
 
     A save at an epoch's last step (``epoch_done``) resumes at the next epoch's start.
     The optimizer is saved as its local state dict, which reading never changes
@@ -382,7 +396,9 @@ def save_recipe_state(
         "ranker": None if ranker_state is None else encode(ranker_state, tensors, "ranker"),
         "data_counts": dict(data_counts),
     }
-    write_recipe_state(output_dir, label, rank, tensors, meta, world_size, progress.global_step, dist.barrier)
+    return write_recipe_state(
+        output_dir, label, rank, tensors, meta, world_size, progress.global_step, dist.barrier, defer_commit
+    )
 
 
 def find_resume_state(output_dir: Path, resume: bool, rank: int, world_size: int) -> Optional[Dict[str, Any]]:

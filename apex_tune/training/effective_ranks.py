@@ -1,11 +1,14 @@
 """Effective ranks of a stage's weight changes, computed on one background thread.
 
 At a stage boundary the recipe folds the stage (``end_stage(..., weight_changes=True)``
-hands back each tuned slice's change), submits the changes here, writes the boundary
-checkpoint while they are ranked, and joins right before it records the ranks: the
-work overlaps the checkpoint instead of lengthening the boundary, and the values are
-those of :func:`~apex_tune.modules.effective_rank.effective_rank` (same code, same
-float64 arithmetic). An error in the worker is raised again at :meth:`join`.
+hands back each tuned slice's change), writes the boundary checkpoint, and submits the
+changes here with what must follow the ranks: recording them and making the boundary's
+resume state current. The boundary then ends, and the ranks are computed while the
+next stage trains: on a small machine even a second thread's work during the boundary
+lengthens it by about that work (measured by ``python -m bench.effective_rank``),
+whereas a stage's training time dwarfs it. The values are those of
+:func:`~apex_tune.modules.effective_rank.effective_ranks` (same code, same float64
+arithmetic). An error in the worker is raised again at :meth:`join`.
 """
 
 import ctypes
@@ -13,7 +16,7 @@ import functools
 import glob
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -44,15 +47,26 @@ def _one_intra_op_thread() -> None:
             getattr(library, setter)(1)
 
 
-def _rank(changes: List[Dict[str, torch.Tensor]], copied: Optional["torch.cuda.Event"]) -> List[Dict[str, float]]:
+Ranks = List[Dict[str, float]]
+
+
+def _rank(
+    changes: List[Dict[str, torch.Tensor]],
+    copied: Optional["torch.cuda.Event"],
+    then: Optional[Callable[[Ranks], None]],
+) -> Ranks:
     if copied is not None:  # the device-to-host copies were queued without waiting
         copied.synchronize()
-    return effective_ranks(changes)
+    ranks = effective_ranks(changes)
+    if then is not None:
+        then(ranks)
+    return ranks
 
 
 class BackgroundEffectiveRanks:
     """One stage's effective ranks at a time, on one worker thread (torch's kernels release
-    the GIL). Use as a context manager: leaving it waits for the worker and stops it."""
+    the GIL). Use as a context manager, or call :meth:`close`: either waits for the
+    worker (and what it was asked to do after the ranks) and stops it."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(
@@ -60,18 +74,30 @@ class BackgroundEffectiveRanks:
         )
         self._pending: Optional[Future] = None
 
-    def submit(self, changes: List[Dict[str, torch.Tensor]]) -> None:
+    def submit(
+        self, changes: List[Dict[str, torch.Tensor]], then: Optional[Callable[[Ranks], None]] = None
+    ) -> None:
         """Start ranking per-layer {projection: weight change} (from ``fold_apex_(...,
-        weight_changes=True)``); nobody may write the tensors until :meth:`join`."""
+        weight_changes=True)``), then call ``then(ranks)`` on the worker; nobody may write
+        the tensors until :meth:`join`."""
         if self._pending is not None:
             raise RuntimeError("the previous stage's effective ranks were never joined")
         copied = None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             copied = torch.cuda.Event()
             copied.record()  # after the fold's non-blocking copies to the host on this stream
-        self._pending = self._executor.submit(_rank, changes, copied)
+        self._pending = self._executor.submit(_rank, changes, copied, then)
 
-    def join(self) -> List[Dict[str, float]]:
+    @property
+    def pending(self) -> bool:
+        """Whether ranks were submitted and not joined yet."""
+        return self._pending is not None
+
+    def done(self) -> bool:
+        """Whether :meth:`join` would return without waiting."""
+        return self._pending is not None and self._pending.done()
+
+    def join(self) -> Ranks:
         """The submitted stage's per-layer {projection: effective rank}; waits for the worker
         and raises whatever it raised."""
         if self._pending is None:

@@ -1,5 +1,12 @@
 """``output_dir/apex_selection.json``: per stage, the units selected, the scores behind
-them and, once the stage is folded, the effective rank of its weight change."""
+them and the effective rank of its weight change.
+
+The effective ranks are computed after the boundary, while the next stage trains
+(:mod:`apex_tune.training.effective_ranks`): the worker writes each stage's into the
+small ``output_dir/apex_effective_rank.json`` as soon as they are known (before the
+boundary's resume state becomes current, so a resume never lacks them), and they
+join the stage's entry here at the next rewrite of this file (the next boundary, or
+the end of the run)."""
 
 import json
 import os
@@ -9,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 from apex_tune.modules.selection import LayerSelection
 
 SELECTION_LOG = "apex_selection.json"
+EFFECTIVE_RANK_LOG = "apex_effective_rank.json"
 
 
 def _write(path: Path, entries: list) -> None:
@@ -17,8 +25,8 @@ def _write(path: Path, entries: list) -> None:
     os.replace(tmp, path)
 
 
-def _read(path: Path) -> list:
-    return json.loads(path.read_text()) if path.exists() else []
+def _read(path: Path, empty=list):
+    return json.loads(path.read_text()) if path.exists() else empty()
 
 
 def _with_selection(entries: list, stage: int, step: int, selection: Sequence[LayerSelection], scores: dict) -> list:
@@ -35,32 +43,51 @@ def log_selection(output_dir: Path, stage: int, step: int, selection: Sequence[L
     _write(path, entries)
 
 
+def record_effective_ranks(output_dir: Path, stage: int, ranks: List[Dict[str, float]]) -> None:
+    """Stage ``stage``'s effective rank of W' - W per layer and projection into
+    ``apex_effective_rank.json`` ({stage: ranks}; a stage run again is overwritten)."""
+    path = Path(output_dir) / EFFECTIVE_RANK_LOG
+    recorded = _read(path, dict)
+    recorded[str(stage)] = ranks
+    _write(path, recorded)
+
+
+def _with_effective_ranks(output_dir: Path, entries: list, before_stage: Optional[int] = None) -> list:
+    """The selection log's entries with the recorded effective ranks of every stage
+    (before ``before_stage``, whose later stages may still be ranking) in them."""
+    recorded = _read(Path(output_dir) / EFFECTIVE_RANK_LOG, dict)
+    for entry in entries:
+        ranks = recorded.get(str(entry["stage"]))
+        if ranks is not None and (before_stage is None or entry["stage"] < before_stage):
+            entry["effective_rank"] = ranks
+    return entries
+
+
 def log_stage_end(
-    output_dir: Path,
-    stage: int,
-    ranks: Optional[List[Dict[str, float]]],
-    step: int,
-    selection: Optional[Sequence[LayerSelection]],
-    scores: dict,
-) -> Dict[str, float]:
+    output_dir: Path, stage: int, step: int, selection: Optional[Sequence[LayerSelection]], scores: dict
+) -> None:
     """At the end of stage ``stage`` (optimizer step ``step``), in one rewrite of the file:
-    its effective rank of W' - W per layer and projection into its entry (``ranks``; None
-    records none), then the next stage's selection appended (None at the last boundary).
-    One rewrite, because the file grows with every stage's scores (about 1 MB after 25
-    stages at the benchmark's size) and rewriting it is a boundary's largest logging cost.
-    Returns the mean rank over layers per projection (for the metric log; {} without)."""
-    if ranks is None and selection is None:
-        return {}
+    the effective ranks recorded so far (the earlier stages') into their entries, and the
+    next stage's selection appended (None at the last boundary). One rewrite, because the
+    file grows with every stage's scores (about 1 MB after 25 stages at the benchmark's
+    size) and rewriting it is a boundary's largest logging cost."""
     path = Path(output_dir) / SELECTION_LOG
-    entries = _read(path)
-    if ranks is not None:
-        for entry in entries:
-            if entry["stage"] == stage:
-                entry["effective_rank"] = ranks
+    entries = _with_effective_ranks(output_dir, _read(path), before_stage=stage)
     if selection is not None:
         entries = _with_selection(entries, stage + 1, step, selection, scores)
     _write(path, entries)
-    names = sorted({name for layer in ranks or [] for name in layer})
+
+
+def log_effective_ranks(output_dir: Path) -> None:
+    """At the end of a run: every recorded effective rank into the selection log."""
+    path = Path(output_dir) / SELECTION_LOG
+    if path.exists():
+        _write(path, _with_effective_ranks(output_dir, _read(path)))
+
+
+def mean_effective_ranks(ranks: List[Dict[str, float]]) -> Dict[str, float]:
+    """The mean rank over layers per projection, as metric-log entries."""
+    names = sorted({name for layer in ranks for name in layer})
     return {
         f"effective_rank_{name}": sum(layer[name] for layer in ranks if name in layer)
         / sum(name in layer for layer in ranks)

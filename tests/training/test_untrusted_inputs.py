@@ -156,11 +156,11 @@ def test_well_formed_inputs_pass(tmp_path):
 
 
 # ------------------------------------------------------------ resume state
-def _save_state(output_dir, label, tensors, step=3):
+def _save_state(output_dir, label, tensors, step=3, defer_commit=False):
     meta = {"progress": {"global_step": step}, "selection": [], "optimizer": {}, "dataloader": None,
             "ranker": None, "data_counts": {}}
-    write_recipe_state(output_dir, label, 0, {**tensors, "rng": torch.get_rng_state()}, meta,
-                       world_size=1, global_step=step, barrier=lambda: None)
+    return write_recipe_state(output_dir, label, 0, {**tensors, "rng": torch.get_rng_state()}, meta,
+                              world_size=1, global_step=step, barrier=lambda: None, defer_commit=defer_commit)
 
 
 def test_resume_state_layout_and_round_trip(tmp_path):
@@ -181,6 +181,20 @@ def test_resume_state_layout_and_round_trip(tmp_path):
         load_local_model_state(model, {"model.weight": torch.zeros(3, 2)}, "rank_0.safetensors")
     load_local_model_state(model, {"model.weight": torch.full((2, 3), 5.0)}, "rank_0.safetensors")
     assert torch.equal(model.weight, torch.full((2, 3), 5.0))
+
+
+def test_deferred_commit_keeps_the_previous_state_current_until_it_runs(tmp_path):
+    """A stage boundary's state becomes current only once its effective ranks are recorded:
+    until the returned commit runs, a resume finds the previous state, whole."""
+    assert _save_state(tmp_path, "step_3", {"model.w": torch.ones(2, 3)}) is None
+    commit = _save_state(tmp_path, "stage_1", {"model.w": torch.full((2, 3), 2.0)}, step=6, defer_commit=True)
+    root = tmp_path / RECIPE_STATE_DIR
+    assert read_state_manifest(tmp_path)["state"] == "step_3"
+    assert torch.equal(load_rank_state(tmp_path, read_state_manifest(tmp_path), 0)["tensors"]["model.w"],
+                       torch.ones(2, 3))
+    commit()
+    assert read_state_manifest(tmp_path) == {"format": 2, "state": "stage_1", "world_size": 1, "global_step": 6}
+    assert sorted(p.name for p in root.iterdir()) == [STATE_MANIFEST, "stage_1"]
 
 
 @pytest.mark.parametrize("planted", ["manifest", "shard", "meta", "legacy"])
