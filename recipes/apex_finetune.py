@@ -19,6 +19,7 @@ protocol (``stages``, ``assessment``), the resume state and checkpoints
 
 import apex_tune._torchao_log  # noqa: F401,I001  (first: before torchtune imports torchao)
 import math
+import os
 import sys
 import time
 from functools import partial
@@ -529,7 +530,10 @@ class ApexFinetuneRecipe(FTRecipeInterface):
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    config.log_config(recipe_name="ApexFinetuneRecipe", cfg=cfg)
+    # torchtune prints on "rank zero" by asking torch.distributed, which is not initialised
+    # yet here: every process would print the whole config. torchrun's RANK says who is.
+    if int(os.environ.get("RANK", "0")) == 0:
+        config.log_config(recipe_name="ApexFinetuneRecipe", cfg=cfg)
     recipe = ApexFinetuneRecipe(cfg=cfg)
     try:
         recipe.setup(cfg=cfg)

@@ -177,6 +177,7 @@ def test_two_process_config_error_said_once(assets, tmp_path):
     )
     assert proc.returncode != 0
     assert proc.stderr.count("apex_finetune: config error: apex.ratio") == 1, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("Running ApexFinetuneRecipe with resolved config") == 1
     # rank 0 exits first, so torchrun's report (which a worker cannot switch off, see README)
     # names it as the root cause and comes after the line
     report = proc.stderr[proc.stderr.index("apex_finetune: config error"):]
