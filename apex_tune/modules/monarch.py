@@ -92,6 +92,53 @@ class MonarchMatrix(nn.Module):
         return f"n={self.n}, nblocks={self.nblocks}, block_size={self.block_size}{pad}"
 
 
+class _Transposed2d(torch.autograd.Function):
+    """``x`` read as a contiguous ``(rows, numel / rows)`` matrix and transposed into
+    contiguous memory. Forward and backward are each one plain 2D transpose, which ATen
+    copies with a blocked kernel: on CPU several times faster than the same permutation
+    written as a 3D permute, or read as a strided view by the next elementwise op.
+    Autograd's own backward of ``.t().contiguous()`` would hand the preceding bmm a
+    transposed gradient, which reduced-precision bmm copies again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        ctx.shape, ctx.rows, ctx.cols = x.shape, rows, cols
+        return x.reshape(rows, cols).t().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.reshape(ctx.cols, ctx.rows).t().contiguous().view(ctx.shape), None, None
+
+
+def _transposed_2d(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return _Transposed2d.apply(x, rows, x.numel() // rows if rows else 0)
+
+
+def _square_apply(x: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """:func:`monarch_apply` for square blocks (nblocks == block_size == s) on ``x`` of
+    shape ``(rows, s * s)``. P is then its own inverse, and on a ``(rows, s, s)`` grid P
+    swaps the last two axes; that swap is one 2D transpose of a ``(blocks, rows * s)``
+    (or ``(rows * s, s)``) matrix. Every bmm reads ``(blocks, rows, s)`` operands with a
+    unit last stride and writes contiguous ``(blocks, rows, s)`` results, the layouts
+    that fp32 (MKL) and bf16 (oneDNN) bmm on CPU and cuBLAS all take without copying.
+    Two bmms and two copies each way; the copies are realised permutations."""
+    s = L1.shape[0]
+    rows = x.shape[0]
+    if not transpose:
+        # BD(L1): block i of every row, (i, rows, o); x's (rows, s, s) grid read as is.
+        h = torch.bmm(x.reshape(rows, s, s).transpose(0, 1), L1.transpose(1, 2))
+        # P: (rows, o, i) in memory, read as block o = j holding element j of every block i.
+        h = _transposed_2d(h, s).view(rows, s, s).transpose(0, 1)
+        h = torch.bmm(h, L2.transpose(1, 2))  # BD(L2): (j, rows, o)
+        return _transposed_2d(h, s).view(rows, s * s)  # P^T: element o of block j at o * s + j
+    # M^T = BD(L1)^T P BD(L2)^T P on columns; on rows, x @ M: P, BD(L2)^T, P, BD(L1)^T.
+    h = _transposed_2d(x, rows * s).view(s, rows, s)  # P: block j holds element j of every block
+    h = torch.bmm(h, L2)  # BD(L2)^T: (j, rows, o)
+    h = _transposed_2d(h, s).view(rows, s, s).transpose(0, 1)  # P: (o, rows, j)
+    h = torch.bmm(h, L1)  # BD(L1)^T: (o, rows, k)
+    return h.transpose(0, 1).reshape(rows, s * s)  # back to rows: copies runs of s
+
+
 def monarch_apply(
     x: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor, n: int, transpose: bool = False
 ) -> torch.Tensor:
@@ -108,10 +155,13 @@ def monarch_apply(
     padded_n = b * p
     if padded_n != n:
         x = nn.functional.pad(x, (0, padded_n - n))
+    if b == p:
+        h = _square_apply(x.reshape(-1, padded_n), L1, L2, transpose)
+        return h.reshape(*lead, padded_n)[..., :n]
     h = x.reshape(-1, b, p)  # (rows, blocks, p): a view for contiguous x
     rows = h.shape[0]
-    # Every step is one bmm over the blocks or one copy that realises a permutation
-    # (square blocks: two bmms and one copy). No n x n matrix.
+    # Every step is one bmm over the blocks or one copy that realises a permutation.
+    # No n x n matrix.
     if transpose:
         # P: read each row's (b, p) grid column-major.
         h = h.transpose(1, 2).contiguous().view(rows, b, p)
@@ -120,16 +170,11 @@ def monarch_apply(
         h = h.transpose(0, 1).reshape(rows, p, b).transpose(1, 2).contiguous()
         h = torch.bmm(h.view(rows, b, p).transpose(0, 1), L1)  # BD(L1)^T
         out = h.transpose(0, 1)
-    elif b == p:
-        # Square blocks: after P, block j holds element j of every BD(L1) block. With
-        # BD(L1) computed as (blocks, p, rows), that is a strided view bmm reads as is.
-        h = torch.bmm(L1, h.permute(1, 2, 0))  # BD(L1): (block i, element k, rows)
-        h = torch.bmm(h.permute(1, 2, 0), L2.transpose(1, 2))  # P, then BD(L2): (block j, rows, p)
-        out = h.permute(1, 2, 0)  # P^T: element o of block j goes to o * b + j (the one copy)
     else:
         h = torch.bmm(h.transpose(0, 1), L1.transpose(1, 2))  # BD(L1): (blocks, rows, p)
-        # P: each row's (b, p) grid read column-major, i.e. as (p, b), regrouped into b blocks.
-        h = h.permute(1, 2, 0).reshape(rows, b, p)
+        # P: each row's (b, p) grid read column-major, i.e. as (p, b), regrouped into b
+        # blocks: (rows, p, b) in memory, one 2D transpose of (b, rows * p).
+        h = _transposed_2d(h, b).view(rows, b, p)
         h = torch.bmm(h.transpose(0, 1), L2.transpose(1, 2))  # BD(L2)
         out = h.transpose(0, 1).reshape(rows, p, b).transpose(1, 2)  # P^T
     h = out.reshape(rows, padded_n)
