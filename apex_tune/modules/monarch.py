@@ -114,6 +114,34 @@ def _transposed_2d(x: torch.Tensor, rows: int) -> torch.Tensor:
     return _Transposed2d.apply(x, rows, x.numel() // rows if rows else 0)
 
 
+class _BlockMatmul(torch.autograd.Function):
+    """``torch.bmm(h, w)`` with the factor's gradient computed as ``(grad^T h)^T``.
+
+    ``h`` is an activation read in place with a unit last stride (often a transposed view
+    with a batch stride of one block); autograd's ``h^T grad`` hands bmm that view
+    transposed, which CPU bmm copies (bf16: the whole operand, 2-5x the product's time)
+    or loops over; ``grad^T h`` reads both operands as they lie."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, w)
+        return torch.bmm(h, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, w = ctx.saved_tensors
+        # A gradient that arrives as a view (of a permuted output) is made contiguous first:
+        # a copy of runs, cheaper than a bmm over its transpose.
+        grad = grad.contiguous()
+        grad_h = torch.bmm(grad, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), h).transpose(1, 2) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w
+
+
+def _block_matmul(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _BlockMatmul.apply(h, w)
+
+
 def _square_apply(x: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor, transpose: bool) -> torch.Tensor:
     """:func:`monarch_apply` for square blocks (nblocks == block_size == s) on ``x`` of
     shape ``(rows, s * s)``. P is then its own inverse, and on a ``(rows, s, s)`` grid P
@@ -126,16 +154,16 @@ def _square_apply(x: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor, transpose
     rows = x.shape[0]
     if not transpose:
         # BD(L1): block i of every row, (i, rows, o); x's (rows, s, s) grid read as is.
-        h = torch.bmm(x.reshape(rows, s, s).transpose(0, 1), L1.transpose(1, 2))
+        h = _block_matmul(x.reshape(rows, s, s).transpose(0, 1), L1.transpose(1, 2))
         # P: (rows, o, i) in memory, read as block o = j holding element j of every block i.
         h = _transposed_2d(h, s).view(rows, s, s).transpose(0, 1)
-        h = torch.bmm(h, L2.transpose(1, 2))  # BD(L2): (j, rows, o)
+        h = _block_matmul(h, L2.transpose(1, 2))  # BD(L2): (j, rows, o)
         return _transposed_2d(h, s).view(rows, s * s)  # P^T: element o of block j at o * s + j
     # M^T = BD(L1)^T P BD(L2)^T P on columns; on rows, x @ M: P, BD(L2)^T, P, BD(L1)^T.
     h = _transposed_2d(x, rows * s).view(s, rows, s)  # P: block j holds element j of every block
-    h = torch.bmm(h, L2)  # BD(L2)^T: (j, rows, o)
+    h = _block_matmul(h, L2)  # BD(L2)^T: (j, rows, o)
     h = _transposed_2d(h, s).view(rows, s, s).transpose(0, 1)  # P: (o, rows, j)
-    h = torch.bmm(h, L1)  # BD(L1)^T: (o, rows, k)
+    h = _block_matmul(h, L1)  # BD(L1)^T: (o, rows, k)
     return h.transpose(0, 1).reshape(rows, s * s)  # back to rows: copies runs of s
 
 
@@ -165,17 +193,17 @@ def monarch_apply(
     if transpose:
         # P: read each row's (b, p) grid column-major.
         h = h.transpose(1, 2).contiguous().view(rows, b, p)
-        h = torch.bmm(h.transpose(0, 1), L2)  # BD(L2)^T: (blocks, rows, p)
+        h = _block_matmul(h.transpose(0, 1), L2)  # BD(L2)^T: (blocks, rows, p)
         # P^T: each row's (b, p) grid read as (p, b), transposed back.
         h = h.transpose(0, 1).reshape(rows, p, b).transpose(1, 2).contiguous()
-        h = torch.bmm(h.view(rows, b, p).transpose(0, 1), L1)  # BD(L1)^T
+        h = _block_matmul(h.view(rows, b, p).transpose(0, 1), L1)  # BD(L1)^T
         out = h.transpose(0, 1)
     else:
-        h = torch.bmm(h.transpose(0, 1), L1.transpose(1, 2))  # BD(L1): (blocks, rows, p)
+        h = _block_matmul(h.transpose(0, 1), L1.transpose(1, 2))  # BD(L1): (blocks, rows, p)
         # P: each row's (b, p) grid read column-major, i.e. as (p, b), regrouped into b
         # blocks: (rows, p, b) in memory, one 2D transpose of (b, rows * p).
         h = _transposed_2d(h, b).view(rows, b, p)
-        h = torch.bmm(h.transpose(0, 1), L2.transpose(1, 2))  # BD(L2)
+        h = _block_matmul(h.transpose(0, 1), L2.transpose(1, 2))  # BD(L2)
         out = h.transpose(0, 1).reshape(rows, p, b).transpose(1, 2)  # P^T
     h = out.reshape(rows, padded_n)
     if padded_n != n:
