@@ -142,6 +142,12 @@ def _block_matmul(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _BlockMatmul.apply(h, w)
 
 
+def _bmm_reads_strided(x: torch.Tensor) -> bool:
+    """Whether bmm on ``x``'s device and dtype reads permuted (strided) operands without
+    copying them: CPU reduced-precision bmm (oneDNN) copies them, fp32 (MKL) and cuBLAS don't."""
+    return x.dtype == torch.float32 or x.device.type != "cpu"
+
+
 def _square_apply(x: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor, transpose: bool) -> torch.Tensor:
     """:func:`monarch_apply` for square blocks (nblocks == block_size == s) on ``x`` of
     shape ``(rows, s * s)``. P is then its own inverse, and on a ``(rows, s, s)`` grid P
@@ -149,9 +155,17 @@ def _square_apply(x: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor, transpose
     (or ``(rows * s, s)``) matrix. Every bmm reads ``(blocks, rows, s)`` operands with a
     unit last stride and writes contiguous ``(blocks, rows, s)`` results, the layouts
     that fp32 (MKL) and bf16 (oneDNN) bmm on CPU and cuBLAS all take without copying.
-    Two bmms and two copies each way; the copies are realised permutations."""
+    Two bmms and two copies each way; the copies are realised permutations. The fp32
+    forward (and any forward off the CPU) saves one copy with strided bmm operands."""
     s = L1.shape[0]
     rows = x.shape[0]
+    if not transpose and _bmm_reads_strided(x):
+        # BD(L1) computed as (block i, element o, rows): after P, block j = o holds element
+        # j of every block i, a strided view bmm reads as is, so P costs no copy. CPU
+        # reduced-precision bmm (oneDNN) copies both strided operands, hence the path below.
+        h = torch.bmm(L1, x.reshape(rows, s, s).permute(1, 2, 0))
+        h = torch.bmm(h.permute(1, 2, 0), L2.transpose(1, 2))  # P, BD(L2): (j, rows, o)
+        return _transposed_2d(h, s).view(rows, s * s)  # P^T: element o of block j at o * s + j
     if not transpose:
         # BD(L1): block i of every row, (i, rows, o); x's (rows, s, s) grid read as is.
         h = _block_matmul(x.reshape(rows, s, s).transpose(0, 1), L1.transpose(1, 2))
