@@ -76,6 +76,7 @@ ROUNDS = {"quick": (3, 1), "full": (10, 2)}
 MICRO_ROUNDS = {"quick": 5, "full": 15}
 MONARCH_SIZES = (256, 512, 1024, 2048, 4096)
 MONARCH_ROWS = 1024
+SMALL_ROWS = 64  # a decode-sized batch: per-op overhead, not arithmetic
 # The reference run's proportions: 12,288 examples scored before stage 1, against one
 # epoch of the Tulu v2 SFT mixture (326,154 examples; the reference trains 2 epochs).
 ASSESS_EXAMPLES, TULU_V2_EXAMPLES, REFERENCE_EPOCHS = 12_288, 326_154, 2
@@ -438,25 +439,51 @@ def _interleaved(fns: Dict[str, Callable], repeats: int, device) -> Dict[str, Li
     return times
 
 
-@torch.no_grad()
 def monarch_vs_dense(rows: int, device) -> List[dict]:
-    """MonarchMatrix forward vs a dense n x n matmul (F.linear) on the same (rows, n) input,
-    timed alternately; the ratio is the median of the per-pair ratios."""
+    """MonarchMatrix vs a dense n x n matrix (F.linear) on the same (rows, n) input, timed
+    alternately; a ratio is the median of the per-pair ratios (dense time / Monarch time).
+    ``speedup``: fp32 forward (the issue's target at n = 1024). Also fp32 forward + backward
+    (input gradient and the factors' / the dense matrix's gradient, as in training), the
+    same two in bf16, and both directions at ``SMALL_ROWS`` rows (launch-bound on a GPU)."""
     out = []
     for n in MONARCH_SIZES:
-        x = torch.randn(rows, n, device=device)
-        monarch = MonarchMatrix(n, device=device)
-        torch.nn.init.normal_(monarch.L2)  # timing only; zero or not costs the same
-        dense = torch.randn(n, n, device=device)
-        repeats = max(5, min(30, int(2e9 / (rows * n * n))))
-        t = _interleaved(dict(monarch=lambda: monarch(x), dense=lambda: F.linear(x, dense)), repeats, device)
+        entry = {}
+        for dtype_name, dtype in DTYPES.items():
+            for label, count in (("", rows), ("small_rows_", SMALL_ROWS)):
+                entry.update(_monarch_case(n, count, dtype, device, prefix=f"{label}{dtype_name}_"))
+        monarch = MonarchMatrix(n, device="meta")
         out.append(dict(
-            n=n, nblocks=monarch.nblocks, block_size=monarch.block_size, rows=rows,
-            monarch_s=statistics.median(t["monarch"]), dense_s=statistics.median(t["dense"]),
-            speedup=statistics.median(d / m for d, m in zip(t["dense"], t["monarch"])),
-            flop_ratio=n / (2 * monarch.block_size),
+            n=n, nblocks=monarch.nblocks, block_size=monarch.block_size, rows=rows, small_rows=SMALL_ROWS,
+            monarch_s=entry.pop("fp32_monarch_s"), dense_s=entry.pop("fp32_dense_s"),
+            speedup=entry.pop("fp32_speedup"), flop_ratio=n / (2 * monarch.block_size), **entry,
         ))
     return out
+
+
+def _monarch_case(n: int, rows: int, dtype, device, prefix: str) -> dict:
+    gen = torch.Generator(device=device).manual_seed(n)
+    x = torch.randn(rows, n, generator=gen, device=device, dtype=dtype)
+    grad = torch.randn(rows, n, generator=gen, device=device, dtype=dtype)
+    monarch = MonarchMatrix(n, device=device, dtype=dtype)
+    torch.nn.init.normal_(monarch.L2)  # timing only; zero or not costs the same
+    dense = torch.randn(n, n, generator=gen, device=device, dtype=dtype).requires_grad_()
+    repeats = max(5, min(30, int(2e9 / (rows * n * n))))
+    with torch.no_grad():
+        fwd = _interleaved(dict(monarch=lambda: monarch(x), dense=lambda: F.linear(x, dense)), repeats, device)
+    x.requires_grad_()
+
+    def trained(fn, params):
+        def step():
+            fn().backward(grad)
+            for p in params:
+                p.grad = None
+        return step
+
+    both = _interleaved(dict(monarch=trained(lambda: monarch(x), [x, *monarch.parameters()]),
+                             dense=trained(lambda: F.linear(x, dense), [x, dense])), max(3, repeats // 3), device)
+    ratio = lambda t: statistics.median(d / m for d, m in zip(t["dense"], t["monarch"]))
+    return {f"{prefix}monarch_s": statistics.median(fwd["monarch"]), f"{prefix}dense_s": statistics.median(fwd["dense"]),
+            f"{prefix}speedup": ratio(fwd), f"{prefix}speedup_fwd_bwd": ratio(both)}
 
 
 # ------------------------------------------------------------------ run

@@ -99,24 +99,33 @@ def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], group, -1)
 
 
+def _split(t: torch.Tensor, n: int, group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # N, P, E of every group slice, as views. One split rather than three slices: in
+    # backward, split joins the parts' gradients in one pass, where each slice would
+    # scatter its part into a zero tensor of t's size and autograd would add those up.
+    grouped = _grouped(t, group)
+    return grouped.split([n, n, grouped.shape[-1] - 2 * n], dim=-1)
+
+
 def mix(t: torch.Tensor, ops: Operators, b: Optional[torch.Tensor] = None, group: int = 1) -> torch.Tensor:
     """N <- a N + M P and P <- b P (P unchanged without ``b``) on the last dim of ``t``,
     laid out ``group`` times ``[N, P, E]``; in ``t``'s dtype (the operators are fp32)."""
-    n, grouped = ops.n, _grouped(t, group)
-    disadvantageous, advantageous = grouped[..., :n], grouped[..., n : 2 * n]
-    mixed = disadvantageous * ops.a.to(t.dtype) + monarch_apply(advantageous, ops.L1.to(t.dtype), ops.L2.to(t.dtype), n)
+    n = ops.n
+    disadvantageous, advantageous, extra = _split(t, n, group)
+    monarch = monarch_apply(advantageous, ops.L1.to(t.dtype), ops.L2.to(t.dtype), n)
+    mixed = torch.addcmul(monarch, disadvantageous, ops.a.to(t.dtype))
     if b is not None:
         advantageous = advantageous * b.to(t.dtype)
-    return torch.cat([mixed, advantageous, grouped[..., 2 * n :]], dim=-1).reshape(t.shape)
+    return torch.cat([mixed, advantageous, extra], dim=-1).reshape(t.shape)
 
 
 def mix_transposed(t: torch.Tensor, ops: Operators, group: int = 1) -> torch.Tensor:
     """The transpose of :func:`mix` without ``b``: N <- a N, P <- P + M^T N."""
-    n, grouped = ops.n, _grouped(t, group)
-    disadvantageous, advantageous = grouped[..., :n], grouped[..., n : 2 * n]
+    n = ops.n
+    disadvantageous, advantageous, extra = _split(t, n, group)
     L1, L2 = ops.L1.to(t.dtype), ops.L2.to(t.dtype)
     mixed = advantageous + monarch_apply(disadvantageous, L1, L2, n, transpose=True)
-    return torch.cat([disadvantageous * ops.a.to(t.dtype), mixed, grouped[..., 2 * n :]], dim=-1).reshape(t.shape)
+    return torch.cat([disadvantageous * ops.a.to(t.dtype), mixed, extra], dim=-1).reshape(t.shape)
 
 
 class ApexExpansion(nn.Module, AdapterModule):

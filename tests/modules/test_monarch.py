@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from apex_tune.modules.monarch import MonarchMatrix, monarch_layout, nearest_sqrt_divisor
+from apex_tune.modules import monarch as monarch_module
+from apex_tune.modules.monarch import MonarchMatrix, monarch_apply, monarch_layout, nearest_sqrt_divisor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,3 +175,100 @@ def test_gradients_reach_both_factors():
     m(torch.randn(5, 24)).square().sum().backward()
     assert m.L1.grad is not None and m.L1.grad.abs().sum() > 0
     assert m.L2.grad is not None and m.L2.grad.abs().sum() > 0
+
+
+def _abs_apply(L1, L2, n, x):
+    """The same products on absolute values: bounds every rounding error of the real ones."""
+    return reference_apply(L1.abs(), L2.abs(), n, x.abs())
+
+
+@pytest.mark.parametrize("n", [1, 16, 64, 131, 256, 768, 1024])  # square, padded square, non-square blocks
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("strided_bmm", [False, True])
+def test_apply_and_its_gradients_match_the_reference(n, transpose, strided, strided_bmm, monkeypatch):
+    """monarch_apply (both directions; for square blocks both forward layouts, the one
+    with strided bmm operands that fp32 takes and the one CPU bf16 takes) and every
+    gradient it returns, in fp32, against the float64 reference through autograd.
+
+    Tolerance: each output (and each gradient entry) is a sum of products accumulated
+    over at most ``depth`` terms, so fp32 computes it within gamma_depth * (the same
+    computation on absolute values), gamma_k = k u / (1 - k u), u = 2^-24. Depth is
+    2 * block_size for the forward and for the input gradient (two block products),
+    plus the number of rows for the factor gradients (a sum over rows); margin 2."""
+    monkeypatch.setattr(monarch_module, "_bmm_reads_strided", lambda x: strided_bmm)
+    m = randomized(n, seed=n + 3)
+    L1, L2 = m.L1.detach(), m.L2.detach()
+    rows = 6
+    gen = torch.Generator().manual_seed(n)
+    wide = torch.randn(rows, n + 5, generator=gen)
+    x = (wide[:, 2 : n + 2] if strided else wide[:, :n].contiguous()).requires_grad_()  # strided: a slice, as mix passes
+    g = torch.randn(rows, n, generator=gen)
+    L1r, L2r = L1.clone().requires_grad_(), L2.clone().requires_grad_()
+    y = monarch_apply(x, L1r, L2r, n, transpose=transpose)
+    y.backward(g)
+
+    dense = reference_dense(m)  # M, float64
+    if transpose:
+        ref_fn = lambda xx, l1, l2: xx @ reference_apply(l1, l2, n, torch.eye(n, dtype=torch.float64)).T
+    else:
+        ref_fn = lambda xx, l1, l2: reference_apply(l1, l2, n, xx)
+    x64, L1_64, L2_64 = (t.detach().double().requires_grad_() for t in (x, L1, L2))
+    ref = ref_fn(x64, L1_64, L2_64)
+    ref.backward(g.double())
+    xa, L1a, L2a = (t.detach().double().abs().requires_grad_() for t in (x, L1, L2))
+    bound = ref_fn(xa, L1a, L2a)
+    bound.backward(g.double().abs())
+
+    u = 2.0**-24
+    gamma = lambda k: k * u / (1 - k * u)
+    depth = 2 * m.block_size
+    assert torch.all((y.detach().double() - ref).abs() <= 2 * gamma(depth) * bound.detach() + 1e-30)
+    assert torch.all((x.grad.double() - x64.grad).abs() <= 2 * gamma(depth) * xa.grad + 1e-30)
+    for got, want, limit in ((L1r.grad, L1_64.grad, L1a.grad), (L2r.grad, L2_64.grad, L2a.grad)):
+        assert torch.all((got.double() - want).abs() <= 2 * gamma(depth + rows) * limit + 1e-30)
+    assert torch.allclose(ref, x64 @ (dense if transpose else dense.T))  # the reference is M itself
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_keeps_leading_dims_and_empty_batches(transpose):
+    m = randomized(64, seed=1)  # 8 x 8: the square path
+    L1, L2 = m.L1.detach(), m.L2.detach()
+    x = torch.randn(2, 3, 4, 64)
+    y = monarch_apply(x, L1, L2, 64, transpose=transpose)
+    assert y.shape == x.shape
+    assert torch.allclose(y.reshape(-1, 64), monarch_apply(x.reshape(-1, 64), L1, L2, 64, transpose=transpose))
+    assert monarch_apply(torch.randn(0, 64), L1, L2, 64, transpose=transpose).shape == (0, 64)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_bf16_apply_within_bf16_rounding(transpose):
+    """The path bf16 takes on this device, forward and input gradient, against the float64
+    reference on the same (bf16-representable) values. Every output is a sum over
+    depth = 2 * block_size products with results stored in bf16; even accumulated in bf16
+    it lies within gamma_depth (u = 2^-8) times the computation on absolute values. Margin 2.
+    (The permutations themselves are checked exactly, in fp32, by the test above.)"""
+    n, rows = 64, 5
+    m = randomized(n, seed=11)
+    L1, L2 = (t.detach().to(torch.bfloat16) for t in (m.L1, m.L2))
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(rows, n, generator=gen).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(rows, n, generator=gen).to(torch.bfloat16)
+    y = monarch_apply(x, L1, L2, n, transpose=transpose)
+    y.backward(g)
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+
+    def ref_fn(xx, l1, l2):
+        if transpose:
+            return xx @ reference_apply(l1, l2, n, torch.eye(n, dtype=torch.float64)).T
+        return reference_apply(l1, l2, n, xx)
+
+    x64 = x.detach().double().requires_grad_()
+    ref_fn(x64, L1.double(), L2.double()).backward(g.double())
+    xa = x.detach().double().abs().requires_grad_()
+    bound = ref_fn(xa, L1.double().abs(), L2.double().abs())
+    bound.backward(g.double().abs())
+    depth, u = 2 * m.block_size, 2.0**-8
+    gamma = depth * u / (1 - depth * u)
+    assert torch.all((y.detach().double() - ref_fn(x64.detach(), L1.double(), L2.double())).abs() <= 2 * gamma * bound.detach())
+    assert torch.all((x.grad.double() - x64.grad).abs() <= 2 * gamma * xa.grad)
