@@ -35,10 +35,6 @@ from apex_tune.modules.config import ApexSettings
 _OWN_ACTIVATIONS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-class _ScoresRecorded(Exception):
-    """Raised by the last hook of a micro-batch inside :meth:`ActivationRanker.stop_after_last_hook`."""
-
-
 class ActivationRanker:
     """Accumulates relative activation scores for every APEX layer of ``model``.
 
@@ -55,8 +51,11 @@ class ActivationRanker:
         self._mask: Optional[torch.Tensor] = None
         self._microbatch = 0
         self._recorded: Dict[tuple, int] = {}
-        self._unrecorded = 0  # hooks that have not recorded yet in this micro-batch
+        self._num_recording = 0  # hooks that record, per micro-batch
+        self._unrecorded = 0  # of those, the ones that have not recorded yet in this micro-batch
         self._stop_forward = False  # see stop_after_last_hook
+        # The decoder layer holding the last hooks: where a scoring-only forward can stop.
+        self._last_layer: Optional[nn.Module] = model.layers[self.layers[-1].index]
         self.relative: Dict[str, List[torch.Tensor]] = {}
         self.activation: Dict[str, List[torch.Tensor]] = {}
         self.num_microbatches = 0
@@ -75,6 +74,8 @@ class ActivationRanker:
             if CHANNELS in self.settings.kinds:
                 activation = self._own_activation(layer)
                 self._handles.append(activation.register_forward_hook(self._channel_hook(pos, layer)))
+        self._num_recording = len(self._handles)
+        self._handles.append(self._last_layer.register_forward_hook(self._stop_hook))
         return self
 
     @staticmethod
@@ -115,20 +116,27 @@ class ActivationRanker:
         self._mask = mask
         self._microbatch += 1
         self.num_microbatches += 1
-        self._unrecorded = len(self._handles)
+        self._unrecorded = self._num_recording if self._handles else 0
 
     @contextmanager
     def stop_after_last_hook(self):
-        """Within it, a forward stops as soon as every hook has recorded this micro-batch
-        (the rest of the model, e.g. the final norm and the output head, does not run;
-        the forward returns nothing). For passes that only score: the assessment."""
+        """Within it, a forward that only scores skips what comes after the last hooked
+        layer: that layer's output is cut to zero positions, so the final norm and the
+        output head (and any later layer) run on an empty sequence and the model returns
+        empty logits. The forward itself completes, so FSDP's and torch.compile's hooks
+        around every module run as usual. For the assessment pass."""
         self._stop_forward = True
         try:
             yield
-        except _ScoresRecorded:
-            pass
         finally:
             self._stop_forward = False
+
+    # Not traced by torch.compile, like _record: it reads Python state that changes.
+    @torch.compiler.disable
+    def _stop_hook(self, module, args, output):
+        if self._stop_forward and self._unrecorded == 0 and torch.is_tensor(output):
+            return output[:, :0]  # (batch, seq, dim): no position left for the layers after
+        return None
 
     # --- hooks -----------------------------------------------------------
     def _unit_norms(self, h: torch.Tensor, num_units: int) -> torch.Tensor:
@@ -169,8 +177,6 @@ class ActivationRanker:
         self.relative[kind][pos] += step
         self.activation[kind][pos] += norms
         self._unrecorded -= 1
-        if self._stop_forward and self._unrecorded == 0:
-            raise _ScoresRecorded
 
     def _head_hook(self, pos: int, layer: ApexLayer):
         def hook(module, args):

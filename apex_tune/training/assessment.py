@@ -29,10 +29,10 @@ def score_units(
     ``ranker``: forward passes in eval mode, no grad; the ranker is left attached and the
     model in the mode it was in.
 
-    Each forward stops once the last layer's hooks have recorded: the scores read only the
-    layers' output_proj inputs and gate activations, so the rest of the last layer, the
-    final norm and the output head (about a fifth of Llama-3.2-1B's forward at its
-    128k vocabulary) would be computed for nothing."""
+    The scores read only the layers' output_proj inputs and gate activations, so each
+    forward skips what follows the last hooked layer (:meth:`ActivationRanker.stop_after_last_hook`):
+    the final norm and the output head, about a fifth of Llama-3.2-1B's forward at its
+    128k vocabulary."""
     ranker.attach()
     was_training = model.training
     model.eval()

@@ -289,9 +289,10 @@ def test_detach_removes_all_hooks(make_tiny, vocab_size):
     assert _hook_count(model) == 0
     ranker = ActivationRanker(model, SETTINGS).attach()
     assert ranker.attached
-    assert _hook_count(model) == 2 * len(model.layers)
+    hooks = 2 * len(model.layers) + 1  # two per layer, and where a scoring-only forward stops
+    assert _hook_count(model) == hooks
     ranker.attach()  # idempotent
-    assert _hook_count(model) == 2 * len(model.layers)
+    assert _hook_count(model) == hooks
     _run(model, ranker, _batches(VOCAB, n=1))
     ranker.detach()
     assert not ranker.attached
@@ -439,9 +440,9 @@ def test_unit_norms_match_the_fp64_formula(dtype, masked, make_tiny):
 
 @pytest.mark.parametrize("settings", [SETTINGS, ApexSettings(ratio_heads=0.25, ratio_channels=0)], ids=["both", "heads"])
 def test_assessment_stops_after_the_last_hook(settings, make_tiny, vocab_size):
-    """score_units records what a whole forward records, without running what comes after
-    the last hook (the final norm and output head; with heads only, the last output_proj),
-    and leaves the model's mode, hooks and later forwards as they were."""
+    """score_units records what a whole forward records, while what follows the last hooked
+    layer (the final norm and the output head) sees no positions; it leaves the model's
+    mode, hooks and later forwards as they were."""
     model = apply_apex(make_tiny("llama3_gqa"), settings)
     model.train()
     batches = _batches(vocab_size, n=3, seed=9)
@@ -450,12 +451,11 @@ def test_assessment_stops_after_the_last_hook(settings, make_tiny, vocab_size):
     whole.detach()
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
-    last = model.layers[-1].attn.output_proj if settings.kinds == ("heads",) else model.norm
-    ranker = ActivationRanker(model, settings).attach()
-    skipped = []  # a pre-hook that runs after the ranker's (hooks run in registration order)
-    probe = last.register_forward_pre_hook(lambda module, args: skipped.append(1))
+    ranker = ActivationRanker(model, settings)
+    positions = []
+    probe = model.output.register_forward_pre_hook(lambda module, args: positions.append(args[0].shape[1]))
     score_units(model, ranker, [({"tokens": t}, m) for t, m in batches])
-    assert skipped == [], "the forward ran past the last hook"
+    assert positions == [0] * len(batches), "the output head ran on the whole sequence"
     probe.remove()
     for kind in settings.kinds:
         for got, want in zip(ranker.relative[kind], whole.relative[kind]):
