@@ -114,9 +114,10 @@ class ApexFrozenStage(nn.Module):
 
     @torch.no_grad()
     def derive_positions_(self) -> None:
-        """Each wrapper's tuned positions from the stage's units (after they change)."""
+        """Each wrapper's tuned positions from the stage's units (after they change), on the
+        units' device (a state loaded with ``assign=True`` into a meta-built model moves them)."""
         for part in self.parts.values():
-            part.positions.copy_(unit_positions(self.units, part.group, part.width))
+            part.positions = unit_positions(self.units, part.group, part.width)
 
     def operators(self) -> Operators:
         return Operators(self.n, self.a, self.L1, self.L2)

@@ -6,9 +6,9 @@ Per micro-batch and layer:
   the concatenated head outputs, so attention itself is untouched);
 - channel score: the L2 norm of the gate activation ``act(w1 x)[:, c]``, read by
   a forward hook on the layer's activation module. torchtune's ``FeedForward``
-  shares one activation module across layers (a default argument), so
-  (one module for every model in the process), so :meth:`ActivationRanker.attach`
-  gives each layer its own copy first (stateless: the model computes the same; the
+  shares one activation module (a default argument: one module for every layer of
+  every model in the process), so :meth:`ActivationRanker.attach` gives each layer
+  its own copy first (stateless: the model computes the same; the
   copies stay after :meth:`~ActivationRanker.detach`).
 
 Each micro-batch adds +1 to the K highest units and -1 to the K lowest. Tokens
@@ -55,7 +55,7 @@ class ActivationRanker:
         self._unrecorded = 0  # of those, the ones that have not recorded yet in this micro-batch
         self._stop_forward = False  # see stop_after_last_hook
         # The decoder layer holding the last hooks: where a scoring-only forward can stop.
-        self._last_layer: Optional[nn.Module] = model.layers[self.layers[-1].index]
+        self._last_layer: nn.Module = model.layers[self.layers[-1].index]
         self.relative: Dict[str, List[torch.Tensor]] = {}
         self.activation: Dict[str, List[torch.Tensor]] = {}
         self.num_microbatches = 0
