@@ -470,7 +470,10 @@ def test_assessment_stops_after_the_last_hook(settings, make_tiny, vocab_size):
     with pytest.raises(TypeError):
         score_units(model, ranker, [({"not_tokens": batches[0][0]}, None)])
     assert model.training
+    kind = settings.kinds[0]
+    recorded = ranker.activation[kind][-1].clone()
     ranker.begin_microbatch(None)
     with torch.no_grad():
         logits = model(batches[0][0])
     assert logits.shape == (*batches[0][0].shape, vocab_size)
+    assert not torch.equal(ranker.activation[kind][-1], recorded)
