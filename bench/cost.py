@@ -58,6 +58,7 @@ from torchtune.modules.peft import LoRALinear, get_adapter_params
 from torchtune.training import set_default_dtype
 
 from apex_tune import ActivationRanker, ApexSettings, MonarchMatrix, apply_apex, random_selection, set_apex_trainable, set_selection
+from apex_tune.training.assessment import score_units
 from bench.common import count_trainable, load_base_into_adapter_model, log, setup_torch, token_loss, write_json
 
 LAYERS = 2
@@ -154,11 +155,8 @@ def apex_model(state, settings: ApexSettings, dtype, device, batches) -> tuple:
     model = base_model(dtype, device, state)
     apply_apex(model, settings)
     set_apex_trainable(model, settings)
-    ranker = TimedRanker(model, settings).attach()
-    with torch.no_grad():
-        for tokens, _ in batches:
-            ranker.begin_microbatch(None)
-            model(tokens)
+    ranker = TimedRanker(model, settings)
+    score_units(model, ranker, [({"tokens": tokens}, None) for tokens, _ in batches])
     set_selection(model, ranker.select())
     ranker.reset()
     return model, ranker
@@ -220,13 +218,10 @@ class Method:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
     def assess(self, tokens) -> None:
-        """One batch of the assessment pass: a no-grad forward with the hooks recording."""
-        self.model.eval()
-        self.ranker.begin_microbatch(None)
-        self.model(tokens)
-        self.model.train()
+        """One batch of the assessment pass, as the recipe runs it (``score_units``: a no-grad
+        forward that stops once the last hook has recorded)."""
+        score_units(self.model, self.ranker, [({"tokens": tokens}, None)])
 
 
 def frozen_floor(model: nn.Module) -> nn.Module:

@@ -251,7 +251,7 @@ class _ApexLinear(nn.Module, AdapterModule):
             return []
         return [
             Stage(
-                unit_positions(stage.units, self.group, self.width),
+                stage.parts[self._history_key].positions,
                 stage.operators() if self.expansion is not None else None,
                 stage.parts[self._history_key].b,
                 None,  # stages are frozen as operators only without the delta

@@ -70,7 +70,7 @@ from torchao.dtypes.nf4tensor import to_nf4
 from torchtune import training
 
 from apex_tune.modules._dtensor import full_value, is_nf4
-from apex_tune.modules.expansion import ApexExpansion, MergedStages, Operators, _ApexLinear
+from apex_tune.modules.expansion import ApexExpansion, MergedStages, Operators, _ApexLinear, unit_positions
 from apex_tune.modules.geometry import HISTORY, KINDS, PROJECTIONS, ApexLayer, param_kind, wrapped_layers
 
 NF4_BLOCK_SIZE = 64
@@ -80,13 +80,17 @@ NF4_SCALER_BLOCK_SIZE = 256
 # --------------------------------------------------------------- frozen stages
 class _FrozenParts(nn.Module):
     """One wrapper's own frozen operators of a stage: ``b`` (v, w1, w3; stages are frozen
-    this way only without the delta)."""
+    this way only without the delta), and the stage's tuned positions in that wrapper
+    (derived from the stage's units, kept so that no forward derives them again)."""
 
     def __init__(self, wrapper: _ApexLinear, device: torch.device, values: bool):
         super().__init__()
         for name in ("b",):
             live = getattr(wrapper, name, None)
             self.register_parameter(name, None if live is None else _frozen_like(live, device, values))
+        self.group, self.width = wrapper.group, wrapper.width
+        self.register_buffer("positions", wrapper.positions.new_empty(wrapper.positions.shape, device=device),
+                             persistent=False)
 
 
 class ApexFrozenStage(nn.Module):
@@ -103,6 +107,17 @@ class ApexFrozenStage(nn.Module):
         self.a = _frozen_like(expansion.a, device, values)
         self.units = _frozen_like(expansion.units, device, values)
         self.parts = nn.ModuleDict({name: _FrozenParts(w, device, values) for name, w in wrappers.items()})
+        self.derive_positions_()
+        # Every way the units get values (freeze_, a state dict, the FSDP loader below)
+        # derives the positions again; module.load_state_dict calls this after loading.
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.derive_positions_())
+
+    @torch.no_grad()
+    def derive_positions_(self) -> None:
+        """Each wrapper's tuned positions from the stage's units (after they change), on the
+        units' device (a state loaded with ``assign=True`` into a meta-built model moves them)."""
+        for part in self.parts.values():
+            part.positions = unit_positions(self.units, part.group, part.width)
 
     def operators(self) -> Operators:
         return Operators(self.n, self.a, self.L1, self.L2)
@@ -278,6 +293,9 @@ def load_from_full_model_state_dict(
         *path, attr = raw_names[name].split(".")
         owner = model.get_submodule(".".join(path))
         owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    for stage in model.modules():
+        if isinstance(stage, ApexFrozenStage):
+            stage.derive_positions_()
     rest = {k: v for k, v in full_sd.items() if k not in outside}
     result = training.load_from_full_model_state_dict(model, rest, device, strict=False, cpu_offload=cpu_offload)
     missing += [k for k in result.missing_keys if _state_dict_name(k) not in outside]

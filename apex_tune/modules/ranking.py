@@ -5,14 +5,20 @@ Per micro-batch and layer:
   of the unit's heads, read by a forward pre-hook on ``output_proj`` (its input is
   the concatenated head outputs, so attention itself is untouched);
 - channel score: the L2 norm of the gate activation ``act(w1 x)[:, c]``, read by
-  a forward hook on each layer's own ``w1`` (torchtune shares one activation
-  module across layers, so it cannot be hooked per layer).
+  a forward hook on the layer's activation module. torchtune's ``FeedForward``
+  shares one activation module (a default argument: one module for every layer of
+  every model in the process), so :meth:`ActivationRanker.attach` gives each layer
+  its own copy first (stateless: the model computes the same; the
+  copies stay after :meth:`~ActivationRanker.detach`).
 
 Each micro-batch adds +1 to the K highest units and -1 to the K lowest. Tokens
 are counted where ``mask`` is true (pass the positions the loss trains on, so
 padding and ignored positions are excluded).
 """
 
+import copy
+import weakref
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Dict, List, Optional
 
@@ -23,6 +29,10 @@ from torch import nn
 from apex_tune.modules.model import CHANNELS, HEADS, ApexLayer, find_apex_layers
 from apex_tune.modules.selection import LayerSelection, UnitSelection, select_units
 from apex_tune.modules.config import ApexSettings
+
+
+# Activation modules the rankers made per layer (see ActivationRanker._own_activation).
+_OWN_ACTIVATIONS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class ActivationRanker:
@@ -41,6 +51,11 @@ class ActivationRanker:
         self._mask: Optional[torch.Tensor] = None
         self._microbatch = 0
         self._recorded: Dict[tuple, int] = {}
+        self._num_recording = 0  # hooks that record, per micro-batch
+        self._unrecorded = 0  # of those, the ones that have not recorded yet in this micro-batch
+        self._stop_forward = False  # see stop_after_last_hook
+        # The decoder layer holding the last hooks: where a scoring-only forward can stop.
+        self._last_layer: nn.Module = model.layers[self.layers[-1].index]
         self.relative: Dict[str, List[torch.Tensor]] = {}
         self.activation: Dict[str, List[torch.Tensor]] = {}
         self.num_microbatches = 0
@@ -57,8 +72,22 @@ class ActivationRanker:
                     layer.attn.output_proj.register_forward_pre_hook(self._head_hook(pos, layer))
                 )
             if CHANNELS in self.settings.kinds:
-                self._handles.append(layer.mlp.w1.register_forward_hook(self._channel_hook(pos, layer)))
+                activation = self._own_activation(layer)
+                self._handles.append(activation.register_forward_hook(self._channel_hook(pos, layer)))
+        self._num_recording = len(self._handles)
+        self._handles.append(self._last_layer.register_forward_hook(self._stop_hook))
         return self
+
+    @staticmethod
+    def _own_activation(layer: ApexLayer) -> nn.Module:
+        """The layer's own activation module: a copy the first time, as the module torchtune
+        builds is shared by every FeedForward of every model in the process."""
+        activation = layer.mlp.activation
+        if activation not in _OWN_ACTIVATIONS:
+            activation = copy.deepcopy(activation)
+            _OWN_ACTIVATIONS.add(activation)
+            layer.mlp.activation = activation
+        return activation
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -87,17 +116,44 @@ class ActivationRanker:
         self._mask = mask
         self._microbatch += 1
         self.num_microbatches += 1
+        self._unrecorded = self._num_recording if self._handles else 0
+
+    @contextmanager
+    def stop_after_last_hook(self):
+        """Within it, a forward that only scores skips what comes after the last hooked
+        layer: that layer's output is cut to zero positions, so the final norm and the
+        output head (and any later layer) run on an empty sequence and the model returns
+        empty logits. The forward itself completes, so FSDP's and torch.compile's hooks
+        around every module run as usual. For the assessment pass."""
+        self._stop_forward = True
+        try:
+            yield
+        finally:
+            self._stop_forward = False
+
+    # Not traced by torch.compile, like _record: it reads Python state that changes.
+    @torch.compiler.disable
+    def _stop_hook(self, module, args, output):
+        if self._stop_forward and self._unrecorded == 0 and torch.is_tensor(output):
+            return output[:, :0]  # (batch, seq, dim): no position left for the layers after
+        return None
 
     # --- hooks -----------------------------------------------------------
     def _unit_norms(self, h: torch.Tensor, num_units: int) -> torch.Tensor:
-        """L2 norm per unit of ``h`` (batch, seq, units * unit_width) over counted tokens."""
-        h = h.detach().float()
-        if self._mask is not None:
-            mask = self._mask.to(device=h.device, dtype=h.dtype)
-            sq = torch.einsum("bs,bsd->d", mask, h.square())
+        """L2 norm per unit of ``h`` (batch, seq, units * unit_width) over counted tokens, in fp32.
+
+        The squares (in fp32: a bf16 activation converts exactly) are summed over the
+        tokens by one matrix product with the mask (or ones) as a row: that applies the
+        mask in the same pass, and is several times faster on CPU than a reduction over
+        the leading dims (or ``torch.linalg.vector_norm``)."""
+        flat = h.detach().reshape(-1, h.shape[-1])
+        squares = flat.square() if flat.dtype == torch.float32 else flat.float().square_()
+        if self._mask is None:
+            weights = squares.new_ones(1, flat.shape[0])
         else:
-            sq = h.square().sum(dim=tuple(range(h.dim() - 1)))
-        return sq.view(num_units, -1).sum(-1).sqrt()
+            weights = self._mask.reshape(1, -1).to(device=h.device, dtype=torch.float32)
+        sq = (weights @ squares).view(num_units, -1)
+        return (sq.sum(-1) if sq.shape[-1] > 1 else sq.view(-1)).sqrt()
 
     # Not traced by torch.compile: the once-per-micro-batch check reads a Python int that
     # changes every micro-batch, and a guard on it would recompile the layer each step.
@@ -120,6 +176,7 @@ class ActivationRanker:
         step[order[:k]] -= 1
         self.relative[kind][pos] += step
         self.activation[kind][pos] += norms
+        self._unrecorded -= 1
 
     def _head_hook(self, pos: int, layer: ApexLayer):
         def hook(module, args):
@@ -128,12 +185,8 @@ class ActivationRanker:
         return hook
 
     def _channel_hook(self, pos: int, layer: ApexLayer):
-        activation = layer.mlp.activation
-
         def hook(module, args, output):
-            with torch.no_grad():
-                gate = activation(output.detach())
-            self._record(CHANNELS, pos, self._unit_norms(gate, layer.num_channel_units))
+            self._record(CHANNELS, pos, self._unit_norms(output, layer.num_channel_units))
 
         return hook
 

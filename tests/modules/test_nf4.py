@@ -29,6 +29,7 @@ from apex_tune import (
 )
 from apex_tune.training.checkpointing import plain_state_dict
 from apex_tune.training.memory_options import check_memory_options
+from apex_tune.modules.expansion import unit_positions
 from apex_tune.modules.model import param_kind
 from apex_tune.modules.nf4 import (
     NF4_BLOCK_SIZE,
@@ -432,3 +433,28 @@ def test_fsdp_low_bit_optimizer_and_exact_resume(process_group, tokens):
         opt.zero_grad()
     with torch.no_grad():
         assert torch.equal(model(tokens), resumed(tokens))
+
+
+def test_frozen_stage_positions_follow_their_units():
+    """Each frozen stage keeps its tuned positions per wrapper (derived once, not per
+    forward); loading a state into empty stages (resume) derives them again."""
+    s = settings()
+    model = apply_apex(build(), s)
+    for stage_seed in (0, 1):
+        set_selection(model, selection_for(model, stage_seed))
+        train_like(model, seed=stage_seed)
+        fold_apex_(model, seed=stage_seed)
+    history = {k: v.clone() for k, v in model.state_dict().items() if param_kind(k) == "history"}
+    rebuilt = apply_apex(build(seed=1), s)
+    ensure_history_(rebuilt, history)
+    rebuilt.load_state_dict(history, strict=False)
+    for built in (model, rebuilt):
+        for owner in (built.layers[0].attn, built.layers[1].mlp):
+            assert len(owner.apex_history) == 2
+            for stage in owner.apex_history:
+                for part in stage.parts.values():
+                    assert torch.equal(part.positions, unit_positions(stage.units, part.group, part.width))
+    for name in ("attn.output_proj", "mlp.w2", "mlp.w1"):
+        got = rebuilt.layers[0].get_submodule(name).frozen_stages()
+        want = model.layers[0].get_submodule(name).frozen_stages()
+        assert [torch.equal(g.positions, w.positions) for g, w in zip(got, want)] == [True, True]

@@ -9,6 +9,7 @@ from torch import nn
 
 from apex_tune import ActivationRanker, ApexSettings, apply_apex, get_selection, select_units, set_selection
 from apex_tune.modules.model import find_apex_layers
+from apex_tune.training.assessment import score_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -288,9 +289,10 @@ def test_detach_removes_all_hooks(make_tiny, vocab_size):
     assert _hook_count(model) == 0
     ranker = ActivationRanker(model, SETTINGS).attach()
     assert ranker.attached
-    assert _hook_count(model) == 2 * len(model.layers)
+    hooks = 2 * len(model.layers) + 1  # two per layer, and where a scoring-only forward stops
+    assert _hook_count(model) == hooks
     ranker.attach()  # idempotent
-    assert _hook_count(model) == 2 * len(model.layers)
+    assert _hook_count(model) == hooks
     _run(model, ranker, _batches(VOCAB, n=1))
     ranker.detach()
     assert not ranker.attached
@@ -391,6 +393,9 @@ def test_compiled_layers_with_hooks_do_not_recompile(make_tiny, vocab_size, monk
     training.compile_model(compiled, verbose=False)
     counts = []
     try:
+        # the assessment first, as in the recipe: its forwards stop inside the compiled layers
+        for model, ranker in zip((compiled, eager), rankers):
+            score_units(model, ranker, [({"tokens": t}, m) for t, m in _batches(vocab_size, n=2, seed=6)])
         for tokens, mask in _batches(vocab_size, n=4, batch=2, seed=5):
             for model, ranker in zip((compiled, eager), rankers):
                 ranker.begin_microbatch(mask)
@@ -407,3 +412,68 @@ def test_compiled_layers_with_hooks_do_not_recompile(make_tiny, vocab_size, monk
             # the same fp32 ops, possibly regrouped by dynamo: a few fp32 ulps (1.2e-7) per
             # reduction, with a 10x margin
             assert torch.allclose(got, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_unit_norms_match_the_fp64_formula(dtype, masked, make_tiny):
+    """The hooks' norms: sqrt of the sum over counted tokens of each unit's squares,
+    computed here in fp64 from the same (fp32 or bf16) activation values."""
+    batch, seq, units, width = 2, 48, 6, 16
+    gen = torch.Generator().manual_seed(11)
+    h = (torch.randn(batch, seq, units * width, generator=gen) * 3).to(dtype)
+    mask = torch.rand(batch, seq, generator=gen) > 0.4 if masked else None
+    ranker = ActivationRanker(apply_apex(make_tiny("llama3_gqa"), SETTINGS), SETTINGS)  # only its arithmetic is used
+    ranker.begin_microbatch(mask)
+    got = ranker._unit_norms(h, units)
+    counted = h.double().flatten(0, 1)[mask.flatten()] if masked else h.double().flatten(0, 1)
+    want = counted.square().sum(0).view(units, width).sum(-1).sqrt()
+    assert got.dtype == torch.float32
+    # A bf16 value converts to fp32 exactly, so both dtypes carry only fp32 rounding: the
+    # squares (u = 2^-24 each) summed over T tokens and then the unit's width, all terms
+    # positive, so the relative error of the sum is at most (T + width + 1) u, and sqrt
+    # halves it; bounded here by (T + width + 2) u, a 2x margin. Not the bf16 eps (2^-7):
+    # converting before squaring is what keeps the old fp32 formula's precision.
+    tokens = batch * seq
+    torch.testing.assert_close(got.double(), want, rtol=(tokens + width + 2) * 2.0**-24, atol=0)
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, ApexSettings(ratio_heads=0.25, ratio_channels=0)], ids=["both", "heads"])
+def test_assessment_stops_after_the_last_hook(settings, make_tiny, vocab_size):
+    """score_units records what a whole forward records, while what follows the last hooked
+    layer (the final norm and the output head) sees no positions; it leaves the model's
+    mode, hooks and later forwards as they were."""
+    model = apply_apex(make_tiny("llama3_gqa"), settings)
+    model.train()
+    batches = _batches(vocab_size, n=3, seed=9)
+    whole = ActivationRanker(model, settings).attach()
+    _run(model, whole, batches)
+    whole.detach()
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    ranker = ActivationRanker(model, settings)
+    positions = []
+    probe = model.output.register_forward_pre_hook(lambda module, args: positions.append(args[0].shape[1]))
+    score_units(model, ranker, [({"tokens": t}, m) for t, m in batches])
+    assert positions == [0] * len(batches), "the output head ran on the whole sequence"
+    probe.remove()
+    for kind in settings.kinds:
+        for got, want in zip(ranker.relative[kind], whole.relative[kind]):
+            assert torch.equal(got, want)
+        for got, want in zip(ranker.activation[kind], whole.activation[kind]):
+            assert torch.equal(got, want)
+    assert model.training and ranker.attached
+    ranker.detach()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    # an error inside the pass (here a bad input) leaves the mode as it was, and the
+    # forwards after it run to the end with the ranker recording
+    with pytest.raises(TypeError):
+        score_units(model, ranker, [({"not_tokens": batches[0][0]}, None)])
+    assert model.training
+    kind = settings.kinds[0]
+    recorded = ranker.activation[kind][-1].clone()
+    ranker.begin_microbatch(None)
+    with torch.no_grad():
+        logits = model(batches[0][0])
+    assert logits.shape == (*batches[0][0].shape, vocab_size)
+    assert not torch.equal(ranker.activation[kind][-1], recorded)
