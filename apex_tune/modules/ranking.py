@@ -81,8 +81,12 @@ class ActivationRanker:
     @staticmethod
     def _own_activation(layer: ApexLayer) -> nn.Module:
         """The layer's own activation module: a copy the first time, as the module torchtune
-        builds is shared by every FeedForward of every model in the process."""
+        builds is shared by every FeedForward of every model in the process. Only a
+        stateless module is copied: a copy of one with parameters or buffers would untie
+        them from the model's."""
         activation = layer.mlp.activation
+        if next(activation.parameters(), None) is not None or next(activation.buffers(), None) is not None:
+            return activation  # stateful: built per layer, so its hook is the layer's own
         if activation not in _OWN_ACTIVATIONS:
             activation = copy.deepcopy(activation)
             _OWN_ACTIVATIONS.add(activation)
