@@ -78,15 +78,19 @@ class ActivationRanker:
         self._handles.append(self._last_layer.register_forward_hook(self._stop_hook))
         return self
 
-    @staticmethod
-    def _own_activation(layer: ApexLayer) -> nn.Module:
+    def _own_activation(self, layer: ApexLayer) -> nn.Module:
         """The layer's own activation module: a copy the first time, as the module torchtune
         builds is shared by every FeedForward of every model in the process. Only a
         stateless module is copied: a copy of one with parameters or buffers would untie
         them from the model's."""
         activation = layer.mlp.activation
         if next(activation.parameters(), None) is not None or next(activation.buffers(), None) is not None:
-            return activation  # stateful: built per layer, so its hook is the layer's own
+            if sum(other.mlp.activation is activation for other in self.layers) > 1:
+                raise ValueError(
+                    f"the FFN activation {type(activation).__name__} has parameters and is shared by several "
+                    "layers: channel ranking needs one per layer (build each FeedForward its own)"
+                )
+            return activation
         if activation not in _OWN_ACTIVATIONS:
             activation = copy.deepcopy(activation)
             _OWN_ACTIVATIONS.add(activation)
