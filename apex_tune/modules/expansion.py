@@ -230,6 +230,21 @@ class _ApexLinear(nn.Module, AdapterModule):
     def adapter_params(self) -> List[str]:
         return ["delta"] if self.delta is not None else []
 
+    def _partial_backprop(self) -> bool:
+        """Whether the live delta runs in the frozen weight (:class:`_SliceSwappedLinear`):
+        a dense, frozen base (plain tensor: a local one, or FSDP2's unsharded parameter
+        in forward) with no frozen stages before the live one. Over an NF4 base (frozen
+        stages, a merged correction) the delta stays a separate slice matmul."""
+        weight, bias = self.weight, self.bias
+        return (
+            self.delta is not None
+            and self._history is None
+            and self.apex_history is None
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and type(weight.data) is torch.Tensor  # not NF4, not a DTensor
+        )
+
     def live_stage(self) -> Stage:
         """The stage being trained, as parameters."""
         exp = self.expansion
@@ -325,11 +340,104 @@ def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _replaced(t: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``t`` with the entries at ``positions`` of its last dim replaced by ``values``.
-    Autograd keeps only the index for backward (``index_copy`` would also keep ``values``)."""
+    """``t`` with the entries at ``positions`` of its last dim replaced by ``values``, in a
+    new tensor (``t`` may be the caller's, or saved for backward). Autograd keeps only
+    the index for backward (``index_copy`` would also keep ``values``)."""
     out = t.clone()
     out[..., positions] = values
     return out
+
+
+def _replaced_in_place(t: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """:func:`_replaced` writing into ``t``: for a column wrapper's output, which no
+    backward saves (a linear's backward keeps its input and weight, ``index_select`` the
+    index), so autograd allows it and the full-output copy is saved."""
+    t[..., positions] = values
+    return t
+
+
+class _SliceSwappedLinear(torch.autograd.Function):
+    """y = x W_eff^T (+ bias), W_eff = ``weight`` with its tuned rows (``dim`` 0) or columns
+    (``dim`` 1) at ``positions`` replaced by W_T + Delta: S2FT-style partial back-propagation.
+
+    One matmul instead of the frozen one plus a matmul of the slice: the slice W_T + Delta
+    is written into the frozen weight in place, the matmul runs, and the saved W_T is
+    copied back (a copy, no arithmetic: the weight is bit-identical afterwards); the same
+    around dx = dy W_eff in backward. No full weight copy, and only the slice's weight
+    gradient is computed: dDelta = dy_T^T x (rows) or dy^T x_T (columns), over all tokens.
+
+    The swap writes through ``weight.data``, whose version counter is not the
+    parameter's, so tensors that autograd saved elsewhere are not invalidated; that is
+    safe because the weight is frozen (no gradient, not updated) and restored before
+    anything else reads it. Under FSDP2 ``weight`` is the all-gathered unsharded
+    parameter during forward and backward (restored before returning); under activation
+    checkpointing the forward is recomputed in backward, swap and restore included.
+
+    Precision: W_T + Delta is computed in fp32 and rounded once to the weight's dtype. In
+    bf16 the forward thus uses round_bf16(W_T + Delta), not W_T x + Delta x: an update of
+    W smaller than half a bf16 ulp of W is not yet seen by the forward, but it is kept in
+    the fp32 Delta, whose gradient is exact, so updates accumulate until they show. This
+    is how mixed-precision full fine-tuning with fp32 master weights behaves. In fp32 the
+    sum's rounding is one fp32 ulp of the weight (the two-matmul form rounds too).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, positions, dim: int):
+        frozen = weight.data  # the in-place swap bumps this alias's version counter only
+        y = _with_slice(frozen, dim, positions, delta, lambda w: _linear_not_a_view(x, w, bias))
+        ctx.save_for_backward(x, weight, delta, positions)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, delta, positions = ctx.saved_tensors
+        dim = ctx.dim
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _with_slice(weight.data, dim, positions, delta, lambda w: dy.matmul(w))
+        d_delta = None
+        if ctx.needs_input_grad[3]:
+            tokens_dy = dy.reshape(-1, dy.shape[-1])
+            tokens_x = x.reshape(-1, x.shape[-1])
+            if dim == 0:  # dy_T^T x: (tuned outputs, in)
+                d_delta = tokens_dy.index_select(1, positions).T.matmul(tokens_x)
+            else:  # dy^T x_T: (out, tuned inputs)
+                d_delta = tokens_dy.T.matmul(tokens_x.index_select(1, positions))
+            d_delta = d_delta.to(delta.dtype)
+        return dx, None, None, d_delta, None, None
+
+
+def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear written into a new tensor of the output's shape: F.linear over more than two
+    dims returns a view of its 2-d result, and a custom Function's output that is a view
+    cannot be written in place (the column wrappers write their tuned outputs back)."""
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    tokens, out = x.reshape(-1, x.shape[-1]), y.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(tokens, weight.T, out=out)
+    else:
+        torch.addmm(bias, tokens, weight.T, out=out)
+    return y
+
+
+def _with_slice(frozen: torch.Tensor, dim: int, positions: torch.Tensor, delta: torch.Tensor, compute):
+    """``compute(W_eff)`` with W_eff = ``frozen`` whose slice at ``positions`` along ``dim``
+    is W_T + Delta for the call's duration (see :class:`_SliceSwappedLinear`)."""
+    with torch.no_grad():
+        tuned = frozen.index_select(dim, positions)
+        frozen.index_copy_(dim, positions, (tuned.to(delta.dtype) + delta).to(frozen.dtype))
+        try:
+            return compute(frozen)
+        finally:
+            frozen.index_copy_(dim, positions, tuned)
+
+
+@torch.compiler.disable
+def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int) -> torch.Tensor:
+    # dynamo does not trace the in-place swap through ``.data``: the call runs eagerly,
+    # a graph break around each wrapper's matmul (the same every step, no recompiles).
+    return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim)
 
 
 class MergedStages(nn.Module):
@@ -426,6 +534,11 @@ class ApexColumnLinear(_ApexLinear):
         return super().adapter_params() + (["b"] if self.b is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._partial_backprop():
+            stage = self.live_stage()
+            # y_T = x (W_T + Delta)^T + bias_T already: only the operators remain
+            y = _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 0)
+            return self._apply_stage(x, y, stage._replace(delta=None))
         y = F.linear(x, self.weight, self.bias)
         for stage in self.frozen_stages():
             y = self._apply_stage(x, y, stage)
@@ -446,7 +559,7 @@ class ApexColumnLinear(_ApexLinear):
             tuned = tuned + F.linear(x, stage.delta.to(x.dtype))
         if stage.ops is not None:
             tuned = mix(tuned, stage.ops, stage.b)
-        return _replaced(y, stage.positions, tuned)
+        return _replaced_in_place(y, stage.positions, tuned)
 
     def fold_stage(self, weight, bias, stage: Stage):
         rows = weight.index_select(0, stage.positions)
@@ -472,6 +585,11 @@ class ApexRowLinear(_ApexLinear):
     dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._partial_backprop():
+            # y = W_eff (R x), W_eff's tuned columns W_T + Delta: one matmul
+            stage = self.live_stage()
+            x, _ = self._apply_stage(x, stage._replace(delta=None))
+            return _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 1)
         # W_T = W_0 R_1 ... R_t + D (frozen stages, or the merged correction D), then
         # the live stage: y = W_T (R x) + Delta (R x)_T.
         x, extra = self._apply_stage(x, self.live_stage())
