@@ -384,18 +384,29 @@ class _SliceSwappedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, delta, positions, dim: int):
         frozen = weight.data  # the in-place swap bumps this alias's version counter only
-        y = _with_slice(frozen, dim, positions, delta, lambda w: _linear_not_a_view(x, w, bias))
-        ctx.save_for_backward(x, weight, delta, positions)
+        with torch.no_grad():
+            tuned = frozen.index_select(dim, positions)
+            swapped = _rounded_sum(tuned, delta)
+        y = _with_slice(frozen, dim, positions, tuned, swapped, lambda w: _linear_not_a_view(x, w, bias))
+        # A compute dtype below Delta's (bf16): keep the rounded slice for backward instead
+        # of rounding it again (the two-matmul path kept Delta's cast copy, the same size);
+        # in fp32 the sum is recomputed in backward, so nothing beyond x is saved.
+        ctx.keeps_slice = swapped.dtype != delta.dtype
+        ctx.save_for_backward(x, weight, delta, positions, *([swapped] if ctx.keeps_slice else []))
         ctx.dim = dim
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, delta, positions = ctx.saved_tensors
+        x, weight, delta, positions, *kept = ctx.saved_tensors
         dim = ctx.dim
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _with_slice(weight.data, dim, positions, delta, lambda w: dy.matmul(w))
+            frozen = weight.data
+            with torch.no_grad():
+                tuned = frozen.index_select(dim, positions)
+                swapped = kept[0] if ctx.keeps_slice else _rounded_sum(tuned, delta)
+            dx = _with_slice(frozen, dim, positions, tuned, swapped, lambda w: dy.matmul(w))
         d_delta = None
         if ctx.needs_input_grad[3]:
             tokens_dy = dy.reshape(-1, dy.shape[-1])
@@ -421,12 +432,19 @@ def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return y
 
 
-def _with_slice(frozen: torch.Tensor, dim: int, positions: torch.Tensor, delta: torch.Tensor, compute):
+def _rounded_sum(tuned: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W_T + Delta computed in Delta's dtype (fp32), rounded once to the weight's dtype.
+    (A fresh copy first, then in place: a mixed-dtype add is several times slower on CPU.)"""
+    return tuned.to(delta.dtype, copy=True).add_(delta).to(tuned.dtype)
+
+
+def _with_slice(frozen: torch.Tensor, dim: int, positions: torch.Tensor, tuned: torch.Tensor,
+                swapped: torch.Tensor, compute):
     """``compute(W_eff)`` with W_eff = ``frozen`` whose slice at ``positions`` along ``dim``
-    is W_T + Delta for the call's duration (see :class:`_SliceSwappedLinear`)."""
+    (``tuned``, a copy) is ``swapped`` for the call's duration, then ``tuned`` again
+    (see :class:`_SliceSwappedLinear`)."""
     with torch.no_grad():
-        tuned = frozen.index_select(dim, positions)
-        frozen.index_copy_(dim, positions, (tuned.to(delta.dtype) + delta).to(frozen.dtype))
+        frozen.index_copy_(dim, positions, swapped)
         try:
             return compute(frozen)
         finally:
