@@ -382,7 +382,10 @@ class _SliceSwappedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, positions, dim: int):
+    def forward(ctx, x, weight, bias, delta, positions, dim: int, x_tuned=None):
+        # ``x_tuned`` (columns only): x's tuned entries, already computed by the caller; all
+        # dDelta needs, so backward keeps it instead of the whole x. Its gradient flows
+        # through ``x``, which holds the same values.
         frozen = weight.data  # the in-place swap bumps this alias's version counter only
         with torch.no_grad():
             tuned = frozen.index_select(dim, positions)
@@ -392,7 +395,8 @@ class _SliceSwappedLinear(torch.autograd.Function):
         # of rounding it again (the two-matmul path kept Delta's cast copy, the same size);
         # in fp32 the sum is recomputed in backward, so nothing beyond x is saved.
         ctx.keeps_slice = swapped.dtype != delta.dtype
-        ctx.save_for_backward(x, weight, delta, positions, *([swapped] if ctx.keeps_slice else []))
+        kept_input = x if dim == 0 else x_tuned
+        ctx.save_for_backward(kept_input, weight, delta, positions, *([swapped] if ctx.keeps_slice else []))
         ctx.dim = dim
         return y
 
@@ -410,13 +414,13 @@ class _SliceSwappedLinear(torch.autograd.Function):
         d_delta = None
         if ctx.needs_input_grad[3]:
             tokens_dy = dy.reshape(-1, dy.shape[-1])
-            tokens_x = x.reshape(-1, x.shape[-1])
+            tokens_x = x.reshape(-1, x.shape[-1])  # x (rows) or x_T (columns)
             if dim == 0:  # dy_T^T x: (tuned outputs, in)
                 d_delta = tokens_dy.index_select(1, positions).T.matmul(tokens_x)
             else:  # dy^T x_T: (out, tuned inputs)
-                d_delta = tokens_dy.T.matmul(tokens_x.index_select(1, positions))
+                d_delta = tokens_dy.T.matmul(tokens_x)
             d_delta = d_delta.to(delta.dtype)
-        return dx, None, None, d_delta, None, None
+        return dx, None, None, d_delta, None, None, None
 
 
 def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -452,10 +456,10 @@ def _with_slice(frozen: torch.Tensor, dim: int, positions: torch.Tensor, tuned: 
 
 
 @torch.compiler.disable
-def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int) -> torch.Tensor:
+def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, x_tuned=None) -> torch.Tensor:
     # dynamo does not trace the in-place swap through ``.data``: the call runs eagerly,
     # a graph break around each wrapper's matmul (the same every step, no recompiles).
-    return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim)
+    return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, x_tuned)
 
 
 class MergedStages(nn.Module):
@@ -606,8 +610,9 @@ class ApexRowLinear(_ApexLinear):
         if self._partial_backprop():
             # y = W_eff (R x), W_eff's tuned columns W_T + Delta: one matmul
             stage = self.live_stage()
-            x, _ = self._apply_stage(x, stage._replace(delta=None))
-            return _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 1)
+            tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
+            x = _replaced(x, stage.positions, tuned)
+            return _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 1, tuned)
         # W_T = W_0 R_1 ... R_t + D (frozen stages, or the merged correction D), then
         # the live stage: y = W_T (R x) + Delta (R x)_T.
         x, extra = self._apply_stage(x, self.live_stage())
