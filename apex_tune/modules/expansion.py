@@ -457,8 +457,10 @@ def _with_slice(frozen: torch.Tensor, dim: int, positions: torch.Tensor, tuned: 
 
 @torch.compiler.disable
 def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, x_tuned=None) -> torch.Tensor:
-    # dynamo does not trace the in-place swap through ``.data``: the call runs eagerly,
-    # a graph break around each wrapper's matmul (the same every step, no recompiles).
+    # Run eagerly under ``compile: True`` (a graph break around each wrapper's matmul, the
+    # same every step: no recompiles). Dynamo can trace the Function, but AOT autograd's
+    # functionalization turns the in-place swap and restore into out-of-place
+    # ``index_copy``s, i.e. full copies of the weight per forward, which the swap avoids.
     return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, x_tuned)
 
 
