@@ -382,22 +382,24 @@ class _SliceSwappedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, positions, dim: int, x_tuned=None):
-        # ``x_tuned`` (columns only): x's tuned entries, already computed by the caller; all
-        # dDelta needs, so backward keeps it instead of the whole x. Its gradient flows
-        # through ``x``, which holds the same values.
+    def forward(ctx, x, weight, bias, delta, positions, dim: int, width: int, x_tuned=None):
+        # ``width``: the positions come in runs of ``width`` consecutive rows/columns (a
+        # unit's slices), swapped as blocks. ``x_tuned`` (columns only): x's tuned entries,
+        # already computed by the caller; all dDelta needs, so backward keeps it instead of
+        # the whole x. Its gradient flows through ``x``, which holds the same values.
         frozen = weight.data  # the in-place swap bumps this alias's version counter only
+        blocked, blocks = _blocks_of(frozen, dim, positions, width)
         with torch.no_grad():
-            tuned = frozen.index_select(dim, positions)
+            tuned = blocked.index_select(dim, blocks)
             swapped = _rounded_sum(tuned, delta)
-        y = _with_slice(frozen, dim, positions, tuned, swapped, lambda w: _linear_not_a_view(x, w, bias))
+        y = _with_slice(blocked, dim, blocks, tuned, swapped, lambda: _linear_not_a_view(x, frozen, bias))
         # A compute dtype below Delta's (bf16): keep the rounded slice for backward instead
         # of rounding it again (the two-matmul path kept Delta's cast copy, the same size);
         # in fp32 the sum is recomputed in backward, so nothing beyond x is saved.
         ctx.keeps_slice = swapped.dtype != delta.dtype
         kept_input = x if dim == 0 else x_tuned
         ctx.save_for_backward(kept_input, weight, delta, positions, *([swapped] if ctx.keeps_slice else []))
-        ctx.dim = dim
+        ctx.dim, ctx.width = dim, width
         return y
 
     @staticmethod
@@ -407,10 +409,11 @@ class _SliceSwappedLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             frozen = weight.data
+            blocked, blocks = _blocks_of(frozen, dim, positions, ctx.width)
             with torch.no_grad():
-                tuned = frozen.index_select(dim, positions)
+                tuned = blocked.index_select(dim, blocks)
                 swapped = kept[0] if ctx.keeps_slice else _rounded_sum(tuned, delta)
-            dx = _with_slice(frozen, dim, positions, tuned, swapped, lambda w: dy.matmul(w))
+            dx = _with_slice(blocked, dim, blocks, tuned, swapped, lambda: dy.matmul(frozen))
         d_delta = None
         if ctx.needs_input_grad[3]:
             tokens_dy = dy.reshape(-1, dy.shape[-1])
@@ -420,7 +423,7 @@ class _SliceSwappedLinear(torch.autograd.Function):
             else:  # dy^T x_T: (out, tuned inputs)
                 d_delta = tokens_dy.T.matmul(tokens_x)
             d_delta = d_delta.to(delta.dtype)
-        return dx, None, None, d_delta, None, None, None
+        return dx, None, None, d_delta, None, None, None, None
 
 
 def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -436,32 +439,42 @@ def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return y
 
 
+def _blocks_of(weight: torch.Tensor, dim: int, positions: torch.Tensor, width: int):
+    """``weight`` viewed with ``dim`` split into blocks of ``width``, and the blocks that
+    ``positions`` (runs of ``width``, see :func:`unit_positions`) cover, in their order:
+    a head's columns move as contiguous runs instead of one strided element at a time."""
+    shape = list(weight.shape)
+    shape[dim : dim + 1] = [shape[dim] // width, width]
+    return weight.view(shape), positions[::width] // width
+
+
 def _rounded_sum(tuned: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """W_T + Delta computed in Delta's dtype (fp32), rounded once to the weight's dtype.
-    (A fresh copy first, then in place: a mixed-dtype add is several times slower on CPU.)"""
-    return tuned.to(delta.dtype, copy=True).add_(delta).to(tuned.dtype)
+    """W_T + Delta computed in Delta's dtype (fp32), rounded once to the weight's dtype, in
+    ``tuned``'s (blocked) shape. (A fresh copy first, then in place: a mixed-dtype add is
+    several times slower on CPU.)"""
+    return tuned.to(delta.dtype, copy=True).add_(delta.view(tuned.shape)).to(tuned.dtype)
 
 
-def _with_slice(frozen: torch.Tensor, dim: int, positions: torch.Tensor, tuned: torch.Tensor,
+def _with_slice(blocked: torch.Tensor, dim: int, blocks: torch.Tensor, tuned: torch.Tensor,
                 swapped: torch.Tensor, compute):
-    """``compute(W_eff)`` with W_eff = ``frozen`` whose slice at ``positions`` along ``dim``
-    (``tuned``, a copy) is ``swapped`` for the call's duration, then ``tuned`` again
+    """``compute()`` while the ``blocks`` of the frozen weight (viewed as ``blocked``) along
+    ``dim`` hold ``swapped``; then they hold ``tuned`` (their copy) again
     (see :class:`_SliceSwappedLinear`)."""
     with torch.no_grad():
-        frozen.index_copy_(dim, positions, swapped)
+        blocked.index_copy_(dim, blocks, swapped)
         try:
-            return compute(frozen)
+            return compute()
         finally:
-            frozen.index_copy_(dim, positions, tuned)
+            blocked.index_copy_(dim, blocks, tuned)
 
 
 @torch.compiler.disable
-def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, x_tuned=None) -> torch.Tensor:
+def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, width: int, x_tuned=None) -> torch.Tensor:
     # Run eagerly under ``compile: True`` (a graph break around each wrapper's matmul, the
     # same every step: no recompiles). Dynamo can trace the Function, but AOT autograd's
     # functionalization turns the in-place swap and restore into out-of-place
     # ``index_copy``s, i.e. full copies of the weight per forward, which the swap avoids.
-    return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, x_tuned)
+    return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, width, x_tuned)
 
 
 class MergedStages(nn.Module):
@@ -561,7 +574,7 @@ class ApexColumnLinear(_ApexLinear):
         if self._partial_backprop():
             stage = self.live_stage()
             # y_T = x (W_T + Delta)^T + bias_T already: only the operators remain
-            y = _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 0)
+            y = _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 0, self.width)
             return self._apply_stage(x, y, stage._replace(delta=None))
         y = F.linear(x, self.weight, self.bias)
         for stage in self.frozen_stages():
@@ -614,7 +627,7 @@ class ApexRowLinear(_ApexLinear):
             stage = self.live_stage()
             tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
             x = _replaced(x, stage.positions, tuned)
-            return _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 1, tuned)
+            return _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 1, self.width, tuned)
         # W_T = W_0 R_1 ... R_t + D (frozen stages, or the merged correction D), then
         # the live stage: y = W_T (R x) + Delta (R x)_T.
         x, extra = self._apply_stage(x, self.live_stage())
