@@ -3,6 +3,13 @@
     python -m bench.cost            # quick: about 9-10 minutes on a busy 2-core CPU (load 4-8)
     python -m bench.cost --full     # more timing rounds, bf16 layer micro-benchmarks, 4x Monarch rows
     python -m bench.cost --device cuda
+    python -m bench.cost --methods floor,full,apex_52 --dtypes bf16   # a subset, in a few minutes
+    python -m bench.cost --layers-only --dtypes fp32,bf16             # per-layer micro-benchmarks only
+
+A subset (``--methods``, ``--dtypes``, ``--layers-only``) writes ``cost_subset.json`` unless
+``--output`` says otherwise, so it never replaces the whole run's ``cost.json``; the
+methods that ratios are taken against (``floor``, ``full``, ``lora_r8``) are built when
+asked for, and a target is reported only where its methods ran.
 
 The model has Llama-3.2-1B's layer shapes (dim 2048, FFN 8192, 32 query / 8 KV heads of
 64, RoPE base 500k, tied embeddings) but only ``LAYERS`` layers, so that every method fits
@@ -240,20 +247,26 @@ def backward_through_every_layer(model: nn.Module) -> None:
     model.tok_embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())
 
 
-def build_methods(dtype, device, batches, budgets: dict) -> Dict[str, Method]:
+def build_methods(dtype, device, batches, budgets: dict, names: List[str] = METHODS) -> Dict[str, Method]:
+    """The methods in ``names`` (all by default), in ``METHODS``' order."""
     torch.manual_seed(0)
     base = base_model(dtype, device)
     state = {k: v.detach() for k, v in base.state_dict().items()}
-    methods = {"floor": Method(frozen_floor(base_model(dtype, device, state)))}
-    full = base_model(dtype, device)
-    full.load_state_dict(state)  # a copy: full fine-tuning updates the base weights
-    methods["full"] = Method(full)
+    methods = {}
+    if "floor" in names:
+        methods["floor"] = Method(frozen_floor(base_model(dtype, device, state)))
+    if "full" in names:
+        full = base_model(dtype, device)
+        full.load_state_dict(state)  # a copy: full fine-tuning updates the base weights
+        methods["full"] = Method(full)
     for name, rank, dora in [("lora_r8", 8, False), ("lora_r16", 16, False),
                              ("lora_matched", budgets["lora_matched_rank"], False), ("dora_r8", 8, True)]:
-        methods[name] = Method(lora_model(state, rank, dora, dtype, device))
+        if name in names:
+            methods[name] = Method(lora_model(state, rank, dora, dtype, device))
     for name, settings in [("apex_ops", APEX_OPS), ("apex_r8_budget", budgets["apex_r8_budget"]), ("apex_52", APEX_52)]:
-        model, ranker = apex_model(state, settings, dtype, device, batches)
-        methods[name] = Method(model, ranker)
+        if name in names:
+            model, ranker = apex_model(state, settings, dtype, device, batches)
+            methods[name] = Method(model, ranker)
     for method in methods.values():
         backward_through_every_layer(method.model)
         method.model.train()
@@ -356,6 +369,8 @@ def layer_micro(dtype, device, rounds: int) -> dict:
         for kind, named in wrappers.items():
             for proj, module in named:
                 cases[f"{kind} {label} {proj}"] = module
+                if settings.delta:
+                    cases[f"{kind} {label} {proj} (two matmuls)"] = TwoMatmulDelta(module)
     baselines = {}
     for in_dim, out_dim in {_dims(m) for m in cases.values()}:
         with set_default_dtype(dtype), torch.device(device):
@@ -409,6 +424,23 @@ def layer_micro(dtype, device, rounds: int) -> dict:
             over_frozen=statistics.median(a / b for a, b in zip(times[f"lora_r8 {ref}"], times[f"frozen {ref}"])),
         )
     return out
+
+
+class TwoMatmulDelta(nn.Module):
+    """A delta wrapper computing as over an NF4 base: the frozen matmul plus a matmul of the
+    tuned slice, both back-propagated (the path before partial back-propagation), timed
+    beside the swapped-slice path on the same wrapper."""
+
+    def __init__(self, wrapper: nn.Module):
+        super().__init__()
+        self.wrapper = wrapper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.wrapper._partial_backprop = lambda: False  # shadows the method for this call
+        try:
+            return self.wrapper(x)
+        finally:
+            del self.wrapper._partial_backprop
 
 
 def _dims(module) -> tuple:
@@ -491,7 +523,11 @@ def random_batches(count: int, device, seed: int = 0):
     return out
 
 
-def run_cost(full: bool, device: torch.device) -> dict:
+def run_cost(full: bool, device: torch.device, methods: List[str] = METHODS, dtypes: Optional[List[str]] = None,
+             layers_only: bool = False) -> dict:
+    """The whole benchmark, or a subset: ``methods`` (step time and memory), ``dtypes``
+    (models and layers; default fp32 and bf16 for the models, the layers in bf16 too only
+    with ``full``), ``layers_only`` (the per-layer micro-benchmarks alone)."""
     global CLOCK
     CLOCK = clock_for(device)
     threads = setup_torch() if device.type == "cpu" else None
@@ -499,13 +535,33 @@ def run_cost(full: bool, device: torch.device) -> dict:
     rounds, steps = ROUNDS[mode]
     results = dict(device=str(device), clock=CLOCK.__name__, threads=threads, mode=mode, rounds=rounds, steps_per_round=steps,
                    shapes=LLAMA_1B_SHAPES, batch=[BATCH, SEQ])
+    subset = layers_only or dtypes is not None or list(methods) != METHODS
+    model_dtypes = dtypes or list(DTYPES)
+    layer_dtypes = dtypes or (["fp32", "bf16"] if full else ["fp32"])
+    results.update(subset=subset, methods_run=[] if layers_only else list(methods))
     if device.type == "cpu":
-        log("cost: Monarch vs dense, glibc's default allocator")
-        results["monarch_default_malloc"] = monarch_vs_dense(MONARCH_ROWS * (4 if full else 1), device)
+        if not subset:
+            log("cost: Monarch vs dense, glibc's default allocator")
+            results["monarch_default_malloc"] = monarch_vs_dense(MONARCH_ROWS * (4 if full else 1), device)
         results["freed_memory_cached"] = cache_freed_memory()
-    log("cost: Monarch vs dense")
-    results["monarch"] = monarch_vs_dense(MONARCH_ROWS * (4 if full else 1), device)
+    if not subset:
+        log("cost: Monarch vs dense")
+        results["monarch"] = monarch_vs_dense(MONARCH_ROWS * (4 if full else 1), device)
+    results["models"] = {}
+    if not layers_only:
+        run_models(results, device, methods, model_dtypes, rounds, steps)
+    log("cost: per-layer micro-benchmarks")
+    results["layers"] = {d: layer_micro(DTYPES[d], device, MICRO_ROUNDS[mode]) for d in layer_dtypes}
+    results["targets"] = targets(results)
+    results["wall_s"] = time.perf_counter() - T0
+    results["load_average_1min_at_end"] = os.getloadavg()[0]
+    default_name = "cost_subset.json" if subset else "cost.json" if device.type == "cpu" else f"cost_{device.type}.json"
+    write_json(OUTPUT_NAME or default_name, results)
+    return results
 
+
+def run_models(results: dict, device, names: List[str], dtypes: List[str], rounds: int, steps: int) -> None:
+    """Step time and training memory of the methods ``names`` in each of ``dtypes``, into ``results``."""
     lora_per_rank = lora_trainable_per_rank()
     budgets = dict(lora_matched_rank=max(1, round(trainable_on_meta(APEX_52) / lora_per_rank)),
                    apex_r8_budget=budget_settings(8 * lora_per_rank))
@@ -513,11 +569,11 @@ def run_cost(full: bool, device: torch.device) -> dict:
                                apex_52=APEX_52.to_dict(), lora_matched_rank=budgets["lora_matched_rank"])
     assess_batches = random_batches(ASSESS_BATCHES, device, seed=1)
     tokens, labels = random_batches(1, device)[0]
-    results["models"] = {}
-    for dname, dtype in DTYPES.items():
-        log(f"cost: {dname}: building {len(METHODS)} methods (APEX units from activation ranking)")
-        methods = build_methods(dtype, device, assess_batches, budgets)
-        total = sum(p.numel() for p in methods["full"].model.parameters())
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        log(f"cost: {dname}: building {len(names)} methods (APEX units from activation ranking)")
+        methods = build_methods(dtype, device, assess_batches, budgets, names)
+        total = sum(p.numel() for p in base_model(dtype, "meta").parameters())
         log(f"cost: {dname}: one warm-up step per method (it also creates the optimizer state), then training memory")
         for m in methods.values():
             m.step(tokens, labels)
@@ -529,8 +585,9 @@ def run_cost(full: bool, device: torch.device) -> dict:
             entry["methods"][name] = dict(
                 trainable=count_trainable(m.model), trainable_pct=100 * count_trainable(m.model) / total,
                 step_s=statistics.median(times[name]), memory=memory[name],
-                step_over={ref: paired(times, name, ref) for ref in ("floor", "full", "lora_r8")},
-                memory_over={ref: memory[name]["total"] / memory[ref]["total"] for ref in ("floor", "full", "lora_r8")},
+                step_over={ref: paired(times, name, ref) for ref in ("floor", "full", "lora_r8") if ref in methods},
+                memory_over={ref: memory[name]["total"] / memory[ref]["total"]
+                             for ref in ("floor", "full", "lora_r8") if ref in methods},
             )
             if name in hooks:
                 ratio = statistics.median(a / t for a, t in zip(assess[name], times[name]))
@@ -542,13 +599,6 @@ def run_cost(full: bool, device: torch.device) -> dict:
                 )
         results["models"][dname] = entry
         del methods
-    log("cost: per-layer micro-benchmarks")
-    results["layers"] = {d: layer_micro(DTYPES[d], device, MICRO_ROUNDS[mode]) for d in (["fp32", "bf16"] if full else ["fp32"])}
-    results["targets"] = targets(results)
-    results["wall_s"] = time.perf_counter() - T0
-    results["load_average_1min_at_end"] = os.getloadavg()[0]
-    write_json(OUTPUT_NAME or ("cost.json" if device.type == "cpu" else f"cost_{device.type}.json"), results)
-    return results
 
 
 def targets(results: dict) -> List[dict]:
@@ -556,25 +606,32 @@ def targets(results: dict) -> List[dict]:
     out = []
     for dname, entry in results["models"].items():
         m = entry["methods"]
+
+        def ratio(method, kind, ref):
+            return m[method][kind].get(ref) if method in m else None
+
+        hooks = [v["hooks_fraction_of_step"] for v in m.values() if "hooks_fraction_of_step" in v]
         for name, value, limit in [
-            ("APEX ~52%: step / full FT", m["apex_52"]["step_over"]["full"], 0.85),
-            ("APEX ~52%: memory / full FT", m["apex_52"]["memory_over"]["full"], 1.0),
-            ("APEX at LoRA r8's budget: step / LoRA r8", m["apex_r8_budget"]["step_over"]["lora_r8"], 1.0),
-            ("APEX at LoRA r8's budget: memory / LoRA r8", m["apex_r8_budget"]["memory_over"]["lora_r8"], 1.05),
-            ("APEX operators only: step / frozen fwd+bwd", m["apex_ops"]["step_over"]["floor"], 1.05),
-            ("ranking hooks: fraction of step (worst APEX setting)",
-             max(v["hooks_fraction_of_step"] for v in m.values() if "hooks_fraction_of_step" in v), 0.01),
-            ("assessment pass: fraction of a Tulu-v2 epoch (APEX ~52%)", m["apex_52"]["assessment_fraction_of_epoch"], 0.01),
+            ("APEX ~52%: step / full FT", ratio("apex_52", "step_over", "full"), 0.85),
+            ("APEX ~52%: memory / full FT", ratio("apex_52", "memory_over", "full"), 1.0),
+            ("APEX at LoRA r8's budget: step / LoRA r8", ratio("apex_r8_budget", "step_over", "lora_r8"), 1.0),
+            ("APEX at LoRA r8's budget: memory / LoRA r8", ratio("apex_r8_budget", "memory_over", "lora_r8"), 1.05),
+            ("APEX operators only: step / frozen fwd+bwd", ratio("apex_ops", "step_over", "floor"), 1.05),
+            ("ranking hooks: fraction of step (worst APEX setting)", max(hooks) if hooks else None, 0.01),
+            ("assessment pass: fraction of a Tulu-v2 epoch (APEX ~52%)",
+             m["apex_52"]["assessment_fraction_of_epoch"] if "apex_52" in m else None, 0.01),
         ]:
-            out.append(dict(target=name, dtype=dname, value=value, limit=limit, met=value <= limit))
+            if value is not None:  # its methods ran (a subset may leave some out)
+                out.append(dict(target=name, dtype=dname, value=value, limit=limit, met=value <= limit))
     for dname, layers in results.get("layers", {}).items():
         for name, v in layers.items():
             if " ops " in name:
                 out.append(dict(target=f"layer {name}: fwd+bwd / frozen", dtype=dname, value=v["over_frozen"],
                                 limit=1.05, met=v["over_frozen"] <= 1.05))
-    m1024 = next(m for m in results["monarch"] if m["n"] == 1024)
-    out.append(dict(target="Monarch n=1024: dense time / Monarch time", dtype="fp32", value=m1024["speedup"],
-                    limit=8.0, met=m1024["speedup"] >= 8.0, higher_is_better=True))
+    m1024 = next((m for m in results.get("monarch", []) if m["n"] == 1024), None)
+    if m1024 is not None:
+            out.append(dict(target="Monarch n=1024: dense time / Monarch time", dtype="fp32", value=m1024["speedup"],
+                        limit=8.0, met=m1024["speedup"] >= 8.0, higher_is_better=True))
     return out
 
 
@@ -583,9 +640,9 @@ def print_summary(results: dict) -> None:
         log(f"{dname}: {entry['params'] / 1e6:.0f}M params, batch {BATCH}x{SEQ}")
         log(f"  {'method':16s} {'trainable':>10s} {'step s':>7s} {'/floor':>7s} {'/full':>6s} {'/LoRA8':>7s} {'mem GB':>7s} {'/full':>6s} {'/LoRA8':>7s}")
         for name, m in entry["methods"].items():
-            log(f"  {name:16s} {m['trainable_pct']:9.2f}% {m['step_s']:7.2f} {m['step_over']['floor']:7.2f} "
-                f"{m['step_over']['full']:6.2f} {m['step_over']['lora_r8']:7.2f} {m['memory']['total'] / 1e9:7.2f} "
-                f"{m['memory_over']['full']:6.2f} {m['memory_over']['lora_r8']:7.2f}")
+            step, mem = _ratios(m["step_over"], 7), _ratios(m["memory_over"], 7)
+            log(f"  {name:16s} {m['trainable_pct']:9.2f}% {m['step_s']:7.2f} {step[0]} {step[1][1:]} {step[2]} "
+                f"{m['memory']['total'] / 1e9:7.2f} {mem[1][1:]} {mem[2]}")
     for dname, layers in results.get("layers", {}).items():
         log(f"layers ({dname}, {BATCH * SEQ} tokens, fwd+bwd): " + "; ".join(
             f"{n} {v['over_frozen']:.2f}x frozen" for n, v in layers.items()))
@@ -596,13 +653,18 @@ def print_summary(results: dict) -> None:
                     f"assessment batch costs {m['assess_batch_over_step']:.2f} steps, so scoring {ASSESS_EXAMPLES} "
                     f"examples is {100 * m['assessment_fraction_of_epoch']:.2f}% of a {TULU_V2_EXAMPLES}-example epoch "
                     f"({100 * m['assessment_fraction_of_reference_run']:.2f}% of the reference's {REFERENCE_EPOCHS} epochs)")
-    mon = ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch"])
-    log(f"Monarch vs dense: {mon}")
+    if "monarch" in results:
+        log("Monarch vs dense: " + ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch"]))
     if "monarch_default_malloc" in results:
         log("  (glibc default allocator: " + ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch_default_malloc"]) + ")")
     for t in results["targets"]:
         sign = ">=" if t.get("higher_is_better") else "<="
         log(f"  target {t['target']} [{t['dtype']}]: {t['value']:.4g} ({sign} {t['limit']:g}) -> {'met' if t['met'] else 'NOT met'}")
+
+
+def _ratios(over: dict, width: int) -> List[str]:
+    """Against floor, full, LoRA r8, formatted; '-' where that method did not run."""
+    return [f"{over[ref]:{width}.2f}" if ref in over else f"{'-':>{width}s}" for ref in ("floor", "full", "lora_r8")]
 
 
 def cost_markdown(results: dict) -> List[str]:
@@ -618,10 +680,10 @@ def cost_markdown(results: dict) -> List[str]:
     ]
     for dname, entry in results["models"].items():
         for name, m in entry["methods"].items():
+            step, mem = (_ratios(m[k], 0) for k in ("step_over", "memory_over"))
             lines.append(
-                f"| {name} | {dname} | {m['trainable_pct']:.2f}% | {m['step_s']:.2f} | {m['step_over']['floor']:.2f} | "
-                f"{m['step_over']['full']:.2f} | {m['step_over']['lora_r8']:.2f} | {m['memory']['total'] / 1e9:.2f} | "
-                f"{m['memory_over']['full']:.2f} | {m['memory_over']['lora_r8']:.2f} |"
+                f"| {name} | {dname} | {m['trainable_pct']:.2f}% | {m['step_s']:.2f} | {step[0]} | {step[1]} | {step[2]} | "
+                f"{m['memory']['total'] / 1e9:.2f} | {mem[1]} | {mem[2]} |"
             )
     for dname, layers in results.get("layers", {}).items():
         lines += ["", f"Per layer ({dname}, {results['batch'][0] * results['batch'][1]} tokens, forward + backward):", "",
@@ -633,8 +695,9 @@ def cost_markdown(results: dict) -> List[str]:
     for t in results["targets"]:
         sign = ">=" if t.get("higher_is_better") else "<="
         lines.append(f"| {t['target']} | {t['dtype']} | {t['value']:.3g} | {sign} {t['limit']:g} | {'yes' if t['met'] else 'no'} |")
-    lines += ["", "Monarch multiply vs dense n x n (F.linear), " + f"{results['monarch'][0]['rows']} rows: "
-              + ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch"])]
+    if "monarch" in results:
+        lines += ["", "Monarch multiply vs dense n x n (F.linear), " + f"{results['monarch'][0]['rows']} rows: "
+                  + ", ".join(f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch"])]
     if "monarch_default_malloc" in results:
         lines[-1] += "; with glibc's default allocator: " + ", ".join(
             f"n={m['n']} {m['speedup']:.1f}x" for m in results["monarch_default_malloc"])
@@ -648,10 +711,28 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences per step (default {BATCH})")
     parser.add_argument("--seq", type=int, default=SEQ, help=f"tokens per sequence (default {SEQ}; a GPU wants more)")
-    parser.add_argument("--output", default=None, help="file name under bench/results/ (default cost.json, cost_cuda.json on CUDA)")
+    parser.add_argument("--output", default=None,
+                        help="file name under bench/results/ (default cost.json, cost_cuda.json on CUDA, cost_subset.json for a subset)")
+    parser.add_argument("--methods", type=_names(METHODS), default=METHODS,
+                        help=f"comma-separated subset of {','.join(METHODS)} (default all); add floor/full/lora_r8 for ratios against them")
+    parser.add_argument("--dtypes", type=_names(list(DTYPES)), default=None,
+                        help="comma-separated subset of fp32,bf16 for the models and the layers (default: models in both, layers in fp32, in bf16 too with --full)")
+    parser.add_argument("--layers-only", action="store_true", help="only the per-layer micro-benchmarks (no models, no Monarch)")
     args = parser.parse_args()
     BATCH, SEQ, OUTPUT_NAME = args.batch, args.seq, args.output
-    print_summary(run_cost(args.full, torch.device(args.device)))
+    print_summary(run_cost(args.full, torch.device(args.device), args.methods, args.dtypes, args.layers_only))
+
+
+def _names(allowed: List[str]) -> Callable[[str], List[str]]:
+    """An argparse type: a comma-separated subset of ``allowed``, kept in ``allowed``'s order."""
+    def parse(text: str) -> List[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or 'empty list'}; choose from {','.join(allowed)}")
+        return [n for n in allowed if n in names]
+
+    return parse
 
 
 if __name__ == "__main__":

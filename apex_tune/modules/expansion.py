@@ -239,6 +239,21 @@ class _ApexLinear(nn.Module, AdapterModule):
     def adapter_params(self) -> List[str]:
         return ["delta"] if self.delta is not None else []
 
+    def _partial_backprop(self) -> bool:
+        """Whether the live delta runs in the frozen weight (:class:`_SliceSwappedLinear`):
+        a dense, frozen base (plain tensor: a local one, or FSDP2's unsharded parameter
+        in forward) with no frozen stages before the live one. Over an NF4 base (frozen
+        stages, a merged correction) the delta stays a separate slice matmul."""
+        weight, bias = self.weight, self.bias
+        return (
+            self.delta is not None
+            and self._history is None
+            and self.apex_history is None
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and type(weight.data) is torch.Tensor  # not NF4, not a DTensor
+        )
+
     def live_stage(self) -> Stage:
         """The stage being trained, as parameters."""
         exp = self.expansion
@@ -334,11 +349,141 @@ def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _replaced(t: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``t`` with the entries at ``positions`` of its last dim replaced by ``values``.
-    Autograd keeps only the index for backward (``index_copy`` would also keep ``values``)."""
+    """``t`` with the entries at ``positions`` of its last dim replaced by ``values``, in a
+    new tensor (``t`` may be the caller's, or saved for backward). Autograd keeps only
+    the index for backward (``index_copy`` would also keep ``values``)."""
     out = t.clone()
     out[..., positions] = values
     return out
+
+
+def _replaced_in_place(t: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """:func:`_replaced` writing into ``t``: for a column wrapper's output, which no
+    backward saves (a linear's backward keeps its input and weight, ``index_select`` the
+    index), so autograd allows it and the full-output copy is saved."""
+    t[..., positions] = values
+    return t
+
+
+class _SliceSwappedLinear(torch.autograd.Function):
+    """y = x W_eff^T (+ bias), W_eff = ``weight`` with its tuned rows (``dim`` 0) or columns
+    (``dim`` 1) at ``positions`` replaced by W_T + Delta: S2FT-style partial back-propagation.
+
+    One matmul instead of the frozen one plus a matmul of the slice: the slice W_T + Delta
+    is written into the frozen weight in place, the matmul runs, and the saved W_T is
+    copied back (a copy, no arithmetic: the weight is bit-identical afterwards); the same
+    around dx = dy W_eff in backward. No full weight copy, and only the slice's weight
+    gradient is computed: dDelta = dy_T^T x (rows) or dy^T x_T (columns), over all tokens.
+
+    The swap writes through ``weight.data``, whose version counter is not the
+    parameter's, so tensors that autograd saved elsewhere are not invalidated; that is
+    safe because the weight is frozen (no gradient, not updated) and restored before
+    anything else reads it. Under FSDP2 ``weight`` is the all-gathered unsharded
+    parameter during forward and backward (restored before returning); under activation
+    checkpointing the forward is recomputed in backward, swap and restore included.
+
+    Precision: W_T + Delta is computed in fp32 and rounded once to the weight's dtype. In
+    bf16 the forward thus uses round_bf16(W_T + Delta), not W_T x + Delta x: an update of
+    W smaller than half a bf16 ulp of W is not yet seen by the forward, but it is kept in
+    the fp32 Delta, whose gradient is exact, so updates accumulate until they show. This
+    is how mixed-precision full fine-tuning with fp32 master weights behaves. In fp32 the
+    sum's rounding is one fp32 ulp of the weight (the two-matmul form rounds too).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, positions, dim: int, width: int, x_tuned=None):
+        # ``width``: the positions come in runs of ``width`` consecutive rows/columns (a
+        # unit's slices), swapped as blocks. ``x_tuned`` (columns only): x's tuned entries,
+        # already computed by the caller; all dDelta needs, so backward keeps it instead of
+        # the whole x. Its gradient flows through ``x``, which holds the same values.
+        frozen = weight.data  # the in-place swap bumps this alias's version counter only
+        blocked, blocks = _blocks_of(frozen, dim, positions, width)
+        with torch.no_grad():
+            tuned = blocked.index_select(dim, blocks)
+            swapped = _rounded_sum(tuned, delta)
+        y = _with_slice(blocked, dim, blocks, tuned, swapped, lambda: _linear_not_a_view(x, frozen, bias))
+        # A compute dtype below Delta's (bf16): keep the rounded slice for backward instead
+        # of rounding it again (the two-matmul path kept Delta's cast copy, the same size);
+        # in fp32 the sum is recomputed in backward, so nothing beyond x is saved.
+        ctx.keeps_slice = swapped.dtype != delta.dtype
+        kept_input = x if dim == 0 else x_tuned
+        ctx.save_for_backward(kept_input, weight, delta, positions, *([swapped] if ctx.keeps_slice else []))
+        ctx.dim, ctx.width = dim, width
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, delta, positions, *kept = ctx.saved_tensors
+        dim = ctx.dim
+        dx = None
+        if ctx.needs_input_grad[0]:
+            frozen = weight.data
+            blocked, blocks = _blocks_of(frozen, dim, positions, ctx.width)
+            with torch.no_grad():
+                tuned = blocked.index_select(dim, blocks)
+                swapped = kept[0] if ctx.keeps_slice else _rounded_sum(tuned, delta)
+            dx = _with_slice(blocked, dim, blocks, tuned, swapped, lambda: dy.matmul(frozen))
+        d_delta = None
+        if ctx.needs_input_grad[3]:
+            tokens_dy = dy.reshape(-1, dy.shape[-1])
+            tokens_x = x.reshape(-1, x.shape[-1])  # x (rows) or x_T (columns)
+            if dim == 0:  # dy_T^T x: (tuned outputs, in)
+                d_delta = tokens_dy.index_select(1, positions).T.matmul(tokens_x)
+            else:  # dy^T x_T: (out, tuned inputs)
+                d_delta = tokens_dy.T.matmul(tokens_x)
+            d_delta = d_delta.to(delta.dtype)
+        return dx, None, None, d_delta, None, None, None, None
+
+
+def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear written into a new tensor of the output's shape: F.linear over more than two
+    dims returns a view of its 2-d result, and a custom Function's output that is a view
+    cannot be written in place (the column wrappers write their tuned outputs back)."""
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    tokens, out = x.reshape(-1, x.shape[-1]), y.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(tokens, weight.T, out=out)
+    else:
+        torch.addmm(bias, tokens, weight.T, out=out)
+    return y
+
+
+def _blocks_of(weight: torch.Tensor, dim: int, positions: torch.Tensor, width: int):
+    """``weight`` viewed with ``dim`` split into blocks of ``width``, and the blocks that
+    ``positions`` (runs of ``width``, see :func:`unit_positions`) cover, in their order:
+    a head's columns move as contiguous runs instead of one strided element at a time."""
+    shape = list(weight.shape)
+    shape[dim : dim + 1] = [shape[dim] // width, width]
+    return weight.view(shape), positions[::width] // width
+
+
+def _rounded_sum(tuned: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W_T + Delta computed in Delta's dtype (fp32), rounded once to the weight's dtype, in
+    ``tuned``'s (blocked) shape. (A fresh copy first, then in place: a mixed-dtype add is
+    several times slower on CPU.)"""
+    return tuned.to(delta.dtype, copy=True).add_(delta.view(tuned.shape)).to(tuned.dtype)
+
+
+def _with_slice(blocked: torch.Tensor, dim: int, blocks: torch.Tensor, tuned: torch.Tensor,
+                swapped: torch.Tensor, compute):
+    """``compute()`` while the ``blocks`` of the frozen weight (viewed as ``blocked``) along
+    ``dim`` hold ``swapped``; then they hold ``tuned`` (their copy) again
+    (see :class:`_SliceSwappedLinear`)."""
+    with torch.no_grad():
+        blocked.index_copy_(dim, blocks, swapped)
+        try:
+            return compute()
+        finally:
+            blocked.index_copy_(dim, blocks, tuned)
+
+
+@torch.compiler.disable
+def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, width: int, x_tuned=None) -> torch.Tensor:
+    # Run eagerly under ``compile: True`` (a graph break around each wrapper's matmul, the
+    # same every step: no recompiles). Dynamo can trace the Function, but AOT autograd's
+    # functionalization turns the in-place swap and restore into out-of-place
+    # ``index_copy``s, i.e. full copies of the weight per forward, which the swap avoids.
+    return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, width, x_tuned)
 
 
 class MergedStages(nn.Module):
@@ -435,6 +580,11 @@ class ApexColumnLinear(_ApexLinear):
         return super().adapter_params() + (["b"] if self.b is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._partial_backprop():
+            stage = self.live_stage()
+            # y_T = x (W_T + Delta)^T + bias_T already: only the operators remain
+            y = _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 0, self.width)
+            return self._apply_stage(x, y, stage._replace(delta=None))
         y = F.linear(x, self.weight, self.bias)
         for stage in self.frozen_stages():
             y = self._apply_stage(x, y, stage)
@@ -455,7 +605,7 @@ class ApexColumnLinear(_ApexLinear):
             tuned = tuned + F.linear(x, stage.delta.to(x.dtype))
         if stage.ops is not None:
             tuned = mix(tuned, stage.ops, stage.b)
-        return _replaced(y, stage.positions, tuned)
+        return _replaced_in_place(y, stage.positions, tuned)
 
     def fold_stage(self, weight, bias, stage: Stage):
         rows = weight.index_select(0, stage.positions)
@@ -481,6 +631,12 @@ class ApexRowLinear(_ApexLinear):
     dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._partial_backprop():
+            # y = W_eff (R x), W_eff's tuned columns W_T + Delta: one matmul
+            stage = self.live_stage()
+            tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
+            x = _replaced(x, stage.positions, tuned)
+            return _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 1, self.width, tuned)
         # W_T = W_0 R_1 ... R_t + D (frozen stages, or the merged correction D), then
         # the live stage: y = W_T (R x) + Delta (R x)_T.
         x, extra = self._apply_stage(x, self.live_stage())

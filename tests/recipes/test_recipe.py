@@ -78,14 +78,17 @@ def test_reloaded_checkpoint_matches_wrapped_model(assets, tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_match_one(assets, tmp_path):
+@pytest.mark.parametrize("delta", [False, True])
+def test_two_processes_match_one(assets, tmp_path, delta):
     """Same global batch (1 x 8 vs 2 x 4): same loss curve.
 
     Random selection keeps the comparison about training: activation scores are
     counted per micro-batch, and the two runs split micro-batches differently.
+    With the delta, FSDP2's all-gathered weights take the tuned slice in place for
+    each matmul (partial back-propagation) and must come back unchanged.
     """
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["apex.selection=random", "max_steps_per_epoch=4"]
+    common = ["apex.selection=random", "max_steps_per_epoch=4", f"apex.delta={delta}"]
     tune_run(assets, one, "batch_size=8", *common)
     tune_run(assets, two, "batch_size=4", *common, nproc=2)
     l1, l2 = losses(one), losses(two)
@@ -120,11 +123,13 @@ def test_unknown_config_name(assets, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_activation_checkpointing_changes_nothing(assets, tmp_path):
-    """Recomputed forwards must not be scored twice nor change the result."""
+@pytest.mark.parametrize("delta", [False, True])
+def test_activation_checkpointing_changes_nothing(assets, tmp_path, delta):
+    """Recomputed forwards must not be scored twice nor change the result (with the delta:
+    nor the weight its tuned slice is swapped into and out of, twice per step)."""
     plain, checkpointed = tmp_path / "plain", tmp_path / "ac"
-    tune_run(assets, plain, "max_steps_per_epoch=3")
-    tune_run(assets, checkpointed, "max_steps_per_epoch=3", "enable_activation_checkpointing=True")
+    tune_run(assets, plain, "max_steps_per_epoch=3", f"apex.delta={delta}")
+    tune_run(assets, checkpointed, "max_steps_per_epoch=3", "enable_activation_checkpointing=True", f"apex.delta={delta}")
     assert losses(plain) == pytest.approx(losses(checkpointed), abs=1e-5)
     sel = [json.loads((d / "apex_selection.json").read_text()) for d in (plain, checkpointed)]
     assert [e["layers"] for e in sel[0]] == [e["layers"] for e in sel[1]]

@@ -92,6 +92,19 @@ def test_killed_run_resumes_exactly(assets, whole_run, tmp_path, kill_at):  # no
     assert not list(out.glob("epoch_*")), "a staging folder was left behind"
 
 
+def test_killed_run_with_the_delta_resumes_exactly(assets, tmp_path):  # noqa: F811
+    """With the delta the tuned slice is swapped into the frozen weights for every matmul
+    (partial back-propagation): a run killed mid-stage 2 and resumed still ends with the
+    weights of the run that was never killed (the swap restores them exactly)."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    common = ["save_every_n_steps=3", "apex.delta=True"]
+    tune_run(assets, whole, *common)
+    proc = tune_run(assets, out, *common, env={"APEX_TUNE_KILL_AT": "step:7"}, check=False)
+    assert proc.returncode != 0
+    tune_run(assets, out, *common, "resume_from_checkpoint=True")
+    assert max_diff(hf_weights(whole / "stage_2"), hf_weights(out / "stage_2")) <= 1e-6
+
+
 def test_unreadable_state_is_an_error_not_a_fresh_start(assets, whole_run, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     shutil.copytree(whole_run / RECIPE_STATE_DIR, out / RECIPE_STATE_DIR)
