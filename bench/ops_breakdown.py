@@ -12,7 +12,7 @@ joins), the write-back of the tuned entries (``_replaced``) and the rest of the 
 (gathering the tuned entries, the stage loop). A switched-off part is replaced by one
 elementwise pass that keeps the autograd graph, so each share is a slight underestimate.
 Timing only: the variants compute something else. It patches the wrappers' internals
-(``mix``, ``mix_transposed``, ``_replaced``, ``_apply_stage`` of both wrapper classes)
+(``mix``, ``mix_transposed``, ``_replaced``, ``_replaced_in_place``, ``_apply_stage`` of both wrapper classes)
 as they are named in ``apex_tune/modules/expansion.py``.
 """
 
@@ -56,12 +56,14 @@ class Switches:
         self.ranker = ranker
         self.originals = dict(
             mix=expansion.mix, mix_transposed=expansion.mix_transposed, replaced=expansion._replaced,
+            replaced_in_place=expansion._replaced_in_place,
             column=expansion.ApexColumnLinear.__dict__["_apply_stage"], row=expansion.ApexRowLinear._apply_stage,
         )
 
     def set(self, variant: str) -> None:
         o = self.originals
         expansion.mix, expansion.mix_transposed, expansion._replaced = o["mix"], o["mix_transposed"], o["replaced"]
+        expansion._replaced_in_place = o["replaced_in_place"]
         expansion.ApexColumnLinear._apply_stage, expansion.ApexRowLinear._apply_stage = o["column"], o["row"]
         if not self.ranker.attached:
             self.ranker.attach()
@@ -73,6 +75,7 @@ class Switches:
             expansion.mix_transposed = lambda t, ops, group=1: t * 1
         if variant == "no hooks, no mix, no write-back":
             expansion._replaced = lambda t, positions, values: t + values.sum() * 0
+            expansion._replaced_in_place = expansion._replaced
         if variant == "no hooks, wrappers = frozen linear":
             expansion.ApexColumnLinear._apply_stage = staticmethod(lambda x, y, stage: y)
             expansion.ApexRowLinear._apply_stage = lambda self, x, stage: (x, None)
