@@ -21,7 +21,8 @@ base's (APEX + delta, as in bench/quality.py):
   resume state current (``apex_tune/training/effective_ranks.py``); the bench records
   them at half the boundaries (interleaved with, without, without, with, ...) and
   reports, per adjacent pair, the boundary's extra wall time with them as a share of
-  the one without (median and max over pairs), the same for the training of the
+  the one without (median and max over pairs; a boundary is charged any wait for its
+  ranks, wherever it fell, and not a wait for an earlier one's), the same for the training of the
   stage after the boundary (``STEPS_PER_STAGE`` steps: where the work went), the
   worker's wall and CPU time, how long the recipe ever waited for the worker (at the
   next save), and the CPU time of the recipe's own thread per boundary.
@@ -35,6 +36,7 @@ keeps the comparison already there.
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -123,6 +125,19 @@ def _recipe_config(assets: Path, output_dir: Path, model: dict, settings: ApexSe
     return cfg
 
 
+def median_interval(values, confidence: float = 0.95):
+    """Distribution-free interval for the median: the k-th smallest and k-th largest of
+    ``values``, k the largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2."""
+    ordered, n = sorted(values), len(values)
+    k, tail = 0, 0.0
+    while True:
+        tail += math.comb(n, k) / 2**n
+        if tail > (1 - confidence) / 2:
+            break
+        k += 1
+    return [ordered[k - 1], ordered[n - k]] if k > 0 else [ordered[0], ordered[-1]]
+
+
 def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
     """Run the recipe with the effective ranks recorded at some boundaries and not at
     others (interleaved, ABBA: with, without, without, with, ...), timing each boundary,
@@ -131,9 +146,13 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
     import apex_finetune
     import apex_tune.training.effective_ranks as background
 
-    stage_end, rank, join = apex_finetune.end_stage, background.effective_ranks, background.BackgroundEffectiveRanks.join
+    stage_end, rank = apex_finetune.end_stage, background.effective_ranks
+    submit, join = background.BackgroundEffectiveRanks.submit, background.BackgroundEffectiveRanks.join
     record = []  # per boundary: whether the ranks are recorded
     worker_wall, worker_cpu, waited = {}, {}, {}
+    # The boundary whose ranks are pending, and the boundary running now (None between them):
+    # a wait for boundary i's ranks inside boundary j is charged to i, not j.
+    submitted, in_boundary, moved = [], [None], {}
 
     def end_stage(*args, weight_changes, **kwargs):
         return stage_end(*args, weight_changes=weight_changes and record[-1], **kwargs)
@@ -144,10 +163,17 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
         worker_wall[len(record) - 1], worker_cpu[len(record) - 1] = time.perf_counter() - start, time.thread_time() - cpu
         return value
 
+    def indexed_submit(self, changes, then=None):
+        submitted.append(len(record) - 1)
+        return submit(self, changes, then)
+
     def timed_join(self):
+        ranked_at = submitted.pop(0)
         start = time.perf_counter()
         value = join(self)
-        waited[len(record) - 1] = time.perf_counter() - start
+        waited[ranked_at] = time.perf_counter() - start
+        if in_boundary[0] is not None and in_boundary[0] != ranked_at:
+            moved[in_boundary[0]] = moved.get(in_boundary[0], 0.0) + waited[ranked_at]
         return value
 
     boundary_seconds, main_cpu_seconds = [], []  # wall, and CPU of the recipe's own thread
@@ -162,27 +188,33 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
 
         def timed_boundary():
             record.append(len(record) % 4 in (0, 3))
+            in_boundary[0] = len(record) - 1
             start, cpu = time.perf_counter(), time.thread_time()
             stage_boundary()
+            in_boundary[0] = None
             boundary_ends.append(time.perf_counter())
             boundary_seconds.append(boundary_ends[-1] - start)
             main_cpu_seconds.append(time.thread_time() - cpu)
 
         recipe._stage_boundary = timed_boundary
         apex_finetune.end_stage, background.effective_ranks = end_stage, timed_rank
+        background.BackgroundEffectiveRanks.submit = indexed_submit
         background.BackgroundEffectiveRanks.join = timed_join
         try:
             recipe.setup(cfg=cfg)
             recipe.train()
         finally:
             apex_finetune.end_stage, background.effective_ranks = stage_end, rank
-            background.BackgroundEffectiveRanks.join = join
+            background.BackgroundEffectiveRanks.submit, background.BackgroundEffectiveRanks.join = submit, join
             recipe.cleanup()
             for key, value in launch_env.items():  # the recipe set a one-rank rendezvous; the next run picks its own
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+    # Each boundary as charged: less any wait inside it for an earlier boundary's ranks, plus
+    # any wait for its own ranks (at a later save or the end of the run, wherever it fell).
+    charged = [b - moved.get(i, 0.0) + waited.get(i, 0.0) for i, b in enumerate(boundary_seconds)]
     # The training after boundary i: from its end to the start of boundary i + 1.
     next_stage_seconds = [
         (boundary_ends[i + 1] - boundary_seconds[i + 1]) - boundary_ends[i] for i in range(len(boundary_ends) - 1)
@@ -201,26 +233,29 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
     def median_of(seconds, ranked: bool):
         return statistics.median(1e3 * seconds[i] for a, b in pairs for i in (a, b) if record[i] == ranked)
 
-    shares, stage_shares = paired_shares(boundary_seconds), paired_shares(next_stage_seconds)
+    shares, stage_shares = paired_shares(charged), paired_shares(next_stage_seconds)
     ranked = [i for i, r in enumerate(record) if r]
     return {
         "boundaries": len(boundary_seconds),
         "steps_per_stage": STEPS_PER_STAGE,
         "records_ranks": record,
         "boundary_ms": [round(1e3 * b, 2) for b in boundary_seconds],
-        "median_boundary_with_ranks_ms": median_of(boundary_seconds, True),
-        "median_boundary_without_ranks_ms": median_of(boundary_seconds, False),
+        "charged_boundary_ms": [round(1e3 * b, 2) for b in charged],
+        "median_boundary_with_ranks_ms": median_of(charged, True),
+        "median_boundary_without_ranks_ms": median_of(charged, False),
         "main_thread_cpu_ms": [round(1e3 * c, 2) for c in main_cpu_seconds],
         "median_main_thread_cpu_with_ranks_ms": median_of(main_cpu_seconds, True),
         "median_main_thread_cpu_without_ranks_ms": median_of(main_cpu_seconds, False),
         "pair_share_percent": [round(x, 2) for x in shares],
         "median_share_of_boundary_percent": statistics.median(shares),
+        "median_share_of_boundary_ci95_percent": median_interval(shares),
         "max_share_of_boundary_percent": max(shares),
         "next_stage_training_ms": [round(1e3 * t, 2) for t in next_stage_seconds],
         "median_next_stage_with_ranks_ms": median_of(next_stage_seconds, True),
         "median_next_stage_without_ranks_ms": median_of(next_stage_seconds, False),
         "next_stage_pair_share_percent": [round(x, 2) for x in stage_shares],
         "median_share_of_next_stage_percent": statistics.median(stage_shares),
+        "median_share_of_next_stage_ci95_percent": median_interval(stage_shares),
         "worker_ms": [round(1e3 * worker_wall[i], 3) for i in ranked],
         "worker_cpu_ms": [round(1e3 * worker_cpu[i], 3) for i in ranked],
         "waited_at_join_ms": [round(1e3 * waited[i], 3) for i in ranked if i in waited],
@@ -266,10 +301,13 @@ def main() -> None:
             log(
                 f"{name}: stage boundary {b['median_boundary_without_ranks_ms']:.1f} ms without the effective "
                 f"ranks, {b['median_boundary_with_ranks_ms']:.1f} ms with; paired share "
-                f"{b['median_share_of_boundary_percent']:.2f}% median, {b['max_share_of_boundary_percent']:.2f}% max; "
+                f"{b['median_share_of_boundary_percent']:.2f}% median (95% interval "
+                f"{b['median_share_of_boundary_ci95_percent'][0]:.2f} to {b['median_share_of_boundary_ci95_percent'][1]:.2f}%), "
+                f"{b['max_share_of_boundary_percent']:.2f}% max; "
                 f"the next stage's training ({STEPS_PER_STAGE} steps) {b['median_next_stage_without_ranks_ms']:.1f} ms "
                 f"without, {b['median_next_stage_with_ranks_ms']:.1f} ms with (paired share "
-                f"{b['median_share_of_next_stage_percent']:.2f}% median); "
+                f"{b['median_share_of_next_stage_percent']:.2f}% median, 95% interval "
+                f"{b['median_share_of_next_stage_ci95_percent'][0]:.2f} to {b['median_share_of_next_stage_ci95_percent'][1]:.2f}%); "
                 f"worker {b['median_worker_ms']:.2f} ms ({b['median_worker_cpu_ms']:.2f} ms CPU), waited for it "
                 f"{b['median_waited_at_join_ms']:.2f} ms median, {b['max_waited_at_join_ms']:.2f} ms max; "
                 f"recipe thread's CPU {b['median_main_thread_cpu_without_ranks_ms']:.1f} ms without, "
