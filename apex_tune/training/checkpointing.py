@@ -494,7 +494,7 @@ def check_fusion(difference: float, tolerance: float, where: str) -> None:
 
 
 @torch.no_grad()
-def plain_state_dict(
+def unwrapped_state_dict(
     build_model: Callable[[], nn.Module],
     settings: ApexSettings,
     wrapped_state_dict: Dict[str, torch.Tensor],
@@ -548,13 +548,13 @@ def plain_checkpoint_state(
     """The plain model to save from a gathered wrapped state dict, in the run's dtype,
     and why it must not be saved (None when it may).
 
-    ``fold``: fold a CPU copy (:func:`plain_state_dict`), which must reproduce the
+    ``fold``: fold a CPU copy (:func:`unwrapped_state_dict`), which must reproduce the
     wrapped model on the probe batch within ``tolerance``; otherwise the live model
     was just folded and its base weights are the plain model.
     """
     failure = None
     if fold:
-        plain, difference = plain_state_dict(build_model, settings, wrapped_state_dict, selection, probe_tokens)
+        plain, difference = unwrapped_state_dict(build_model, settings, wrapped_state_dict, selection, probe_tokens)
         log.info(f"checkpoint {label}: fused-vs-wrapped difference {difference:.2e} on the probe batch")
         try:
             check_fusion(difference, tolerance, f"checkpoint {label}")

@@ -27,7 +27,7 @@ from apex_tune import (
     set_selection,
     trainable_parameter_report,
 )
-from apex_tune.training.checkpointing import plain_state_dict
+from apex_tune.training.checkpointing import unwrapped_state_dict
 from apex_tune.training.memory_options import check_memory_options
 from apex_tune.modules.expansion import unit_positions
 from apex_tune.modules.model import param_kind
@@ -265,7 +265,7 @@ def test_saved_state_unwraps_to_a_plain_model(dtype, tokens):
     def build_plain():
         return llama3(num_kv_heads=2, **GEOMETRY).to(dtype)
 
-    plain_sd, difference = plain_state_dict(build_plain, s, wrapped_sd, get_selection(model), tokens)
+    plain_sd, difference = unwrapped_state_dict(build_plain, s, wrapped_sd, get_selection(model), tokens)
     tolerance = FUSION_TOLERANCE if dtype == torch.float32 else BF16_FORWARD_TOLERANCE
     assert difference <= tolerance
     assert plain_sd.keys() == base.state_dict().keys()

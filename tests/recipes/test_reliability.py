@@ -12,7 +12,7 @@ from apex_tune.training.checkpointing import (
     RECIPE_STATE_DIR,
     CheckpointError,
     check_fusion,
-    plain_state_dict,
+    unwrapped_state_dict,
     load_rank_state,
     read_state_manifest,
 )
@@ -143,12 +143,12 @@ def test_fusion_guard_refuses_bad_fusion():
     wrapped_sd = model.state_dict()
     selection = get_selection(model)
     probe = torch.randint(0, 512, (1, 16))
-    _, difference = plain_state_dict(tiny_llama3, settings, wrapped_sd, selection, probe)
+    _, difference = unwrapped_state_dict(tiny_llama3, settings, wrapped_sd, selection, probe)
     check_fusion(difference, 1e-5, "healthy")
     poisoned = dict(wrapped_sd)
     key = next(k for k in poisoned if k.endswith("monarch.L2"))
     poisoned[key] = torch.full_like(poisoned[key], float("nan"))
-    _, difference = plain_state_dict(tiny_llama3, settings, poisoned, selection, probe)
+    _, difference = unwrapped_state_dict(tiny_llama3, settings, poisoned, selection, probe)
     with pytest.raises(CheckpointError, match="differs from the wrapped model"):
         check_fusion(difference, 1e-5, "poisoned")
 
