@@ -223,39 +223,36 @@ def boundary(model: dict, settings: ApexSettings, assets: Path) -> dict:
     # nor a stage after it and is left out, as is an unpaired one.
     pairs = [(2 * i, 2 * i + 1) for i in range((len(boundary_seconds) - 1) // 2)]
 
-    def paired_shares(seconds):
+    def median_of(seconds, ranked: bool):
+        return statistics.median(1e3 * seconds[i] for a, b in pairs for i in (a, b) if record[i] == ranked)
+
+    def compared(name: str, seconds) -> dict:
+        """Per adjacent pair, the extra time with the ranks as a share of the time without."""
         shares = []
         for a, b in pairs:
             with_ranks, without = (a, b) if record[a] else (b, a)
             shares.append(100 * (seconds[with_ranks] - seconds[without]) / seconds[without])
-        return shares
+        return {
+            f"{name}_ms": [round(1e3 * t, 2) for t in seconds],
+            f"median_{name}_with_ranks_ms": median_of(seconds, True),
+            f"median_{name}_without_ranks_ms": median_of(seconds, False),
+            f"{name}_pair_share_percent": [round(x, 2) for x in shares],
+            f"median_share_of_{name}_percent": statistics.median(shares),
+            f"median_share_of_{name}_ci95_percent": median_interval(shares),
+            f"max_share_of_{name}_percent": max(shares),
+        }
 
-    def median_of(seconds, ranked: bool):
-        return statistics.median(1e3 * seconds[i] for a, b in pairs for i in (a, b) if record[i] == ranked)
-
-    shares, stage_shares = paired_shares(charged), paired_shares(next_stage_seconds)
     ranked = [i for i, r in enumerate(record) if r]
     return {
         "boundaries": len(boundary_seconds),
         "steps_per_stage": STEPS_PER_STAGE,
         "records_ranks": record,
-        "boundary_ms": [round(1e3 * b, 2) for b in boundary_seconds],
-        "charged_boundary_ms": [round(1e3 * b, 2) for b in charged],
-        "median_boundary_with_ranks_ms": median_of(charged, True),
-        "median_boundary_without_ranks_ms": median_of(charged, False),
+        "uncharged_boundary_ms": [round(1e3 * b, 2) for b in boundary_seconds],
+        **compared("boundary", charged),
+        **compared("next_stage", next_stage_seconds),
         "main_thread_cpu_ms": [round(1e3 * c, 2) for c in main_cpu_seconds],
         "median_main_thread_cpu_with_ranks_ms": median_of(main_cpu_seconds, True),
         "median_main_thread_cpu_without_ranks_ms": median_of(main_cpu_seconds, False),
-        "pair_share_percent": [round(x, 2) for x in shares],
-        "median_share_of_boundary_percent": statistics.median(shares),
-        "median_share_of_boundary_ci95_percent": median_interval(shares),
-        "max_share_of_boundary_percent": max(shares),
-        "next_stage_training_ms": [round(1e3 * t, 2) for t in next_stage_seconds],
-        "median_next_stage_with_ranks_ms": median_of(next_stage_seconds, True),
-        "median_next_stage_without_ranks_ms": median_of(next_stage_seconds, False),
-        "next_stage_pair_share_percent": [round(x, 2) for x in stage_shares],
-        "median_share_of_next_stage_percent": statistics.median(stage_shares),
-        "median_share_of_next_stage_ci95_percent": median_interval(stage_shares),
         "worker_ms": [round(1e3 * worker_wall[i], 3) for i in ranked],
         "worker_cpu_ms": [round(1e3 * worker_cpu[i], 3) for i in ranked],
         "waited_at_join_ms": [round(1e3 * waited[i], 3) for i in ranked if i in waited],
