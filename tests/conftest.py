@@ -18,7 +18,7 @@ from torchtune.models.llama2 import llama2
 from torchtune.models.llama3 import llama3
 from torchtune.models.qwen2 import qwen2
 
-from apex_tune import ApexSettings, LayerSelection, UnitSelection, find_apex_layers
+from apex_tune import ApexSettings, LayerSelection, UnitSelection, apply_apex, find_apex_layers, set_selection
 from apex_tune.dev.tiny import make_tiny_assets
 
 VOCAB = 97
@@ -126,6 +126,17 @@ def random_selection_fn():
 @pytest.fixture
 def perturb_apex_fn():
     return perturb_apex
+
+
+def trained_tiny_apex() -> nn.Module:
+    """The tiny GQA Llama with APEX + delta on a random selection and every APEX parameter
+    off identity: a stage's end, ready to fold (the same model on every call)."""
+    model = build_tiny("llama3_gqa")
+    settings = ApexSettings(ratio=0.25, delta=True, tuned_ratio_heads=0.5, tuned_ratio_channels=0.6)
+    apply_apex(model, settings)
+    set_selection(model, random_selection(model, settings, seed=0))
+    perturb_apex(model, seed=1)
+    return model
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,10 +2,10 @@
 
 import torch
 
-from apex_tune import ApexSettings, apply_apex, fold_apex_, set_selection
+from apex_tune import fold_apex_
 from apex_tune.modules.effective_rank import effective_rank
 
-from conftest import build_tiny, perturb_apex, random_selection
+from conftest import trained_tiny_apex
 
 
 def _svd_effective_rank(m: torch.Tensor) -> float:
@@ -33,11 +33,7 @@ def test_effective_rank_matches_svd_on_rank_deficient_matrices():
 
 
 def test_fold_records_effective_rank_of_each_change():
-    model = build_tiny("llama3_gqa")
-    settings = ApexSettings(ratio=0.25, delta=True, tuned_ratio_heads=0.5, tuned_ratio_channels=0.6)
-    apply_apex(model, settings)
-    set_selection(model, random_selection(model, settings, seed=0))
-    perturb_apex(model, seed=1)
+    model = trained_tiny_apex()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".weight")}
     ranks = fold_apex_(model, seed=2, effective_ranks=True)
     after = dict(model.named_parameters())

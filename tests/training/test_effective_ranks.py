@@ -7,28 +7,19 @@ import threading
 import pytest
 import torch
 
-from apex_tune import ApexSettings, apply_apex, fold_apex_, set_selection
+from apex_tune import fold_apex_
 from apex_tune.modules.selection import LayerSelection, UnitSelection
 from apex_tune.training.effective_ranks import BackgroundEffectiveRanks
 from apex_tune.training.selection_log import (
     SELECTION_LOG, log_effective_ranks, log_selection, log_stage_end, mean_effective_ranks, record_effective_ranks,
 )
 
-from conftest import build_tiny, perturb_apex, random_selection
-
-
-def _folded_model():
-    model = build_tiny("llama3_gqa")
-    settings = ApexSettings(ratio=0.25, delta=True, tuned_ratio_heads=0.5, tuned_ratio_channels=0.6)
-    apply_apex(model, settings)
-    set_selection(model, random_selection(model, settings, seed=0))
-    perturb_apex(model, seed=1)
-    return model
+from conftest import perturb_apex, trained_tiny_apex
 
 
 def test_background_ranks_equal_the_synchronous_ones():
-    synchronous = fold_apex_(_folded_model(), seed=2, effective_ranks=True)
-    model = _folded_model()  # the same model, stage and fold
+    synchronous = fold_apex_(trained_tiny_apex(), seed=2, effective_ranks=True)
+    model = trained_tiny_apex()  # the same model, stage and fold
     changes = fold_apex_(model, seed=2, weight_changes=True)
     assert all(c.dtype == torch.float32 and c.device.type == "cpu" for layer in changes for c in layer.values())
     with BackgroundEffectiveRanks() as ranking:
