@@ -634,8 +634,7 @@ class ApexRowLinear(_ApexLinear):
         if self._partial_backprop():
             # y = W_eff (R x), W_eff's tuned columns W_T + Delta: one matmul
             stage = self.live_stage()
-            tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
-            x = _replaced(x, stage.positions, tuned)
+            x, tuned = self._mixed_inputs(x, stage)
             return _slice_swapped_linear(x, self.weight, self.bias, stage.delta, stage.positions, 1, self.width, tuned)
         # W_T = W_0 R_1 ... R_t + D (frozen stages, or the merged correction D), then
         # the live stage: y = W_T (R x) + Delta (R x)_T.
@@ -653,11 +652,16 @@ class ApexRowLinear(_ApexLinear):
                 y = y + extra
         return y
 
+    def _mixed_inputs(self, x: torch.Tensor, stage: Stage) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(R x, (R x)_T)``: the inputs with the stage's tuned entries mixed, and those entries."""
+        tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
+        return _replaced(x, stage.positions, tuned), tuned
+
     def _apply_stage(self, x: torch.Tensor, stage: Stage) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One stage on the inputs: ``(R x, Delta (R x)_T or None)``, in ``x``'s dtype."""
-        tuned = mix_transposed(x.index_select(-1, stage.positions), stage.ops, self.group)
+        mixed, tuned = self._mixed_inputs(x, stage)
         extra = F.linear(tuned, stage.delta.to(x.dtype)) if stage.delta is not None else None
-        return _replaced(x, stage.positions, tuned), extra
+        return mixed, extra
 
     def fold_stage(self, weight, bias, stage: Stage):
         columns = weight.index_select(1, stage.positions)
