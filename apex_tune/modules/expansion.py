@@ -123,6 +123,10 @@ def mix_transposed(t: torch.Tensor, ops: Operators, group: int = 1) -> torch.Ten
     """The transpose of :func:`mix` without ``b``: N <- a N, P <- P + M^T N."""
     n = ops.n
     disadvantageous, advantageous, extra = _split(t, n, group)
+    # N is what backward keeps (for a's and M's gradients): a copy of its own, so that a
+    # view of ``t`` (the caller's inputs, on the contiguous path) is not kept alive whole.
+    # The Monarch would copy the strided view anyway.
+    disadvantageous = disadvantageous.contiguous()
     L1, L2 = ops.L1.to(t.dtype), ops.L2.to(t.dtype)
     mixed = advantageous + monarch_apply(disadvantageous, L1, L2, n, transpose=True)
     return torch.cat([disadvantageous * ops.a.to(t.dtype), mixed, extra], dim=-1).reshape(t.shape)
@@ -210,6 +214,7 @@ class _ApexLinear(nn.Module, AdapterModule):
             unit_positions(torch.arange(num_tuned, device=device), group, width),
             persistent=False,
         )
+        self._tuned_prefix = _is_prefix(unit_positions(torch.arange(num_tuned, device="cpu"), group, width))
         delta_shape = (
             (len(self.positions), self.in_features) if dim == 0 else (self.out_features, len(self.positions))
         )
@@ -231,6 +236,7 @@ class _ApexLinear(nn.Module, AdapterModule):
                 f"{len(self.positions) // (self.group * self.width)}"
             )
         self.positions.copy_(positions)
+        self._tuned_prefix = _is_prefix(unit_positions(units.cpu(), self.group, self.width))
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         if self.delta is not None:
@@ -239,20 +245,28 @@ class _ApexLinear(nn.Module, AdapterModule):
     def adapter_params(self) -> List[str]:
         return ["delta"] if self.delta is not None else []
 
-    def _partial_backprop(self) -> bool:
-        """Whether the live delta runs in the frozen weight (:class:`_SliceSwappedLinear`):
-        a dense, frozen base (plain tensor: a local one, or FSDP2's unsharded parameter
-        in forward) with no frozen stages before the live one. Over an NF4 base (frozen
-        stages, a merged correction) the delta stays a separate slice matmul."""
+    def _dense_live_stage_only(self) -> bool:
+        """A dense, frozen base (plain tensor: a local one, or FSDP2's unsharded parameter
+        in forward) with no frozen stages before the live one: not NF4 (frozen stages, a
+        merged correction), where the delta stays a separate slice matmul."""
         weight, bias = self.weight, self.bias
         return (
-            self.delta is not None
-            and self._history is None
+            self._history is None
             and self.apex_history is None
             and not weight.requires_grad
             and (bias is None or not bias.requires_grad)
             and type(weight.data) is torch.Tensor  # not NF4, not a DTensor
         )
+
+    def _prefix_path(self) -> bool:
+        """Whether the tuned units are the first ones of the weight, in [N, P, E] order (the
+        contiguous layout), so the wrapper runs matmuls over slices (``_Prefix*Linear``)."""
+        return self._tuned_prefix and self._dense_live_stage_only()
+
+    def _partial_backprop(self) -> bool:
+        """Whether the live delta runs in the frozen weight (:class:`_SliceSwappedLinear`)
+        when the tuned units are scattered."""
+        return self.delta is not None and self._dense_live_stage_only()
 
     def live_stage(self) -> Stage:
         """The stage being trained, as parameters."""
@@ -348,6 +362,11 @@ def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else full_value(t).float()
 
 
+def _is_prefix(positions: torch.Tensor) -> bool:
+    """Whether CPU ``positions`` are 0, 1, 2, ... (also under a meta default device)."""
+    return bool(torch.equal(positions, torch.arange(len(positions), device="cpu")))
+
+
 def _replaced(t: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``t`` with the entries at ``positions`` of its last dim replaced by ``values``, in a
     new tensor (``t`` may be the caller's, or saved for backward). Autograd keeps only
@@ -431,7 +450,7 @@ class _SliceSwappedLinear(torch.autograd.Function):
                 d_delta = tokens_dy.index_select(1, positions).T.matmul(tokens_x)
             else:  # dy^T x_T: (out, tuned inputs)
                 d_delta = tokens_dy.T.matmul(tokens_x)
-            d_delta = d_delta.to(delta.dtype)
+            d_delta = _converted(d_delta, delta.dtype)
         return dx, None, None, d_delta, None, None, None, None
 
 
@@ -484,6 +503,155 @@ def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, width: in
     # functionalization turns the in-place swap and restore into out-of-place
     # ``index_copy``s, i.e. full copies of the weight per forward, which the swap avoids.
     return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, width, x_tuned)
+
+
+def _rounded_sum_into(out: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``out`` = W + Delta computed in Delta's dtype (fp32) and rounded once to ``out``'s dtype,
+    for 2-d ``weight``/``delta`` of one shape (``weight`` may be a strided slice). Below fp32 it
+    runs over row blocks of about 64K elements: the fp32 temporary stays in cache, several
+    times faster on CPU than converting the whole slice at once, and bit-identical to it."""
+    if out.dtype == delta.dtype:
+        return torch.add(weight, delta, out=out)
+    rows = max(1, _ROUNDED_SUM_BLOCK // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        stop = start + rows
+        out[start:stop] = weight[start:stop].to(delta.dtype).add_(delta[start:stop])
+    return out
+
+
+_ROUNDED_SUM_BLOCK = 1 << 16
+
+
+def _converted(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 2-d ``t`` in ``dtype`` (a weight gradient to Delta's fp32), converted in row blocks
+    like :func:`_rounded_sum_into`: the same values, several times faster on CPU."""
+    if t.dtype == dtype:
+        return t
+    out = t.new_empty(t.shape, dtype=dtype)
+    rows = max(1, _ROUNDED_SUM_BLOCK // max(1, t.shape[1]))
+    for start in range(0, t.shape[0], rows):
+        out[start : start + rows] = t[start : start + rows]
+    return out
+
+
+class _PrefixRowsLinear(torch.autograd.Function):
+    """Rows ``[start, stop)`` of a column wrapper's output whose tuned rows are the first
+    ones of ``weight`` (the contiguous layout, see :mod:`apex_tune.modules.layout`), written
+    after ``head`` (already computed outputs of rows ``[0, start)``, or None):
+    ``y = [head, x W_eff[start:stop]^T (+ bias[start:stop])]``, W_eff's rows
+    ``[start, start + len(delta))`` holding W + Delta (Delta None: the frozen rows only).
+
+    Two or three matmuls over row slices of the frozen weight, written into one output: no
+    gather, no write-back, no weight swap. The rounded tuned slice is formed once per forward
+    and (below fp32) kept for backward; only Delta's gradient is computed (partial
+    back-propagation), dDelta = dy_T^T x. ``head``'s gradient is its part of dy, a view."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, head, start: int, stop: int):
+        tokens = x.reshape(-1, x.shape[-1])
+        frozen = weight.detach()[:stop]
+        tuned_stop = start + (delta.shape[0] if delta is not None else 0)
+        tuned = None
+        if delta is not None:
+            tuned = _rounded_sum_into(frozen.new_empty(delta.shape), frozen[start:tuned_stop], delta)
+        head_width = head.shape[-1] if head is not None else 0
+        y = tokens.new_empty(tokens.shape[0], head_width + stop - start)
+        if head is not None:
+            y[:, :head_width] = head.reshape(-1, head_width)
+        column = head_width
+        for part, first in ((tuned, start), (frozen[tuned_stop:], tuned_stop)):
+            if part is None or part.shape[0] == 0:
+                continue
+            out = y[:, column : column + part.shape[0]]
+            if bias is None:
+                torch.mm(tokens, part.T, out=out)
+            else:
+                torch.addmm(bias[first : first + part.shape[0]], tokens, part.T, out=out)
+            column += part.shape[0]
+        ctx.keeps_slice = tuned is not None and tuned.dtype != delta.dtype
+        ctx.start, ctx.stop, ctx.head_width, ctx.x_shape = start, stop, head_width, x.shape
+        # x only for dDelta: without the delta nothing beyond the frozen weight is kept
+        ctx.save_for_backward(x if delta is not None else None, weight, delta, *([tuned] if ctx.keeps_slice else []))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, delta, *kept = ctx.saved_tensors
+        start, stop, head_width = ctx.start, ctx.stop, ctx.head_width
+        frozen = weight.detach()[:stop]
+        tuned_stop = start + (delta.shape[0] if delta is not None else 0)
+        grads = dy.reshape(-1, dy.shape[-1])
+        split = head_width + tuned_stop - start
+        tuned_dy, frozen_dy = grads[:, head_width:split], grads[:, split:]
+        dx = d_delta = d_head = None
+        if ctx.needs_input_grad[0]:
+            dx = frozen_dy.matmul(frozen[tuned_stop:])
+            if delta is not None:
+                tuned = kept[0] if ctx.keeps_slice else _rounded_sum_into(frozen.new_empty(delta.shape), frozen[start:tuned_stop], delta)
+                dx.addmm_(tuned_dy, tuned)
+            dx = dx.view(ctx.x_shape)
+        if delta is not None and ctx.needs_input_grad[3]:
+            d_delta = _converted(tuned_dy.T.matmul(x.reshape(-1, x.shape[-1])), delta.dtype)
+        if ctx.needs_input_grad[4]:
+            d_head = grads[:, :head_width].view(*dy.shape[:-1], head_width)
+        return dx, None, None, d_delta, d_head, None, None
+
+
+class _PrefixColumnsLinear(torch.autograd.Function):
+    """A row wrapper's output when its tuned columns are the first ones of ``weight`` (the
+    contiguous layout): ``y = mixed W_eff[:, :t]^T + rest W[:, t:]^T (+ bias)``, where
+    ``mixed`` are the tuned inputs after the operators (``t`` of them, [N, P, E]) and
+    ``rest`` the inputs after them; W_eff's tuned columns hold W + Delta (Delta None: W).
+
+    Two matmuls over column slices of the frozen weight accumulate into one output, so the
+    caller's inputs are never copied or written. Only Delta's gradient is computed:
+    dDelta = dy^T mixed."""
+
+    @staticmethod
+    def forward(ctx, mixed, rest, weight, bias, delta):
+        tuned_width = mixed.shape[-1]
+        frozen = weight.detach()
+        tuned = frozen[:, :tuned_width]
+        if delta is not None:
+            tuned = _rounded_sum_into(frozen.new_empty(delta.shape), tuned, delta)
+        tokens_mixed = mixed.reshape(-1, tuned_width)
+        if bias is None:
+            y = torch.mm(tokens_mixed, tuned.T)
+        else:
+            y = torch.addmm(bias, tokens_mixed, tuned.T)
+        if rest.shape[-1]:
+            y.addmm_(rest.reshape(-1, rest.shape[-1]), frozen[:, tuned_width:].T)
+        ctx.keeps_slice = delta is not None and tuned.dtype != delta.dtype
+        ctx.mixed_shape = mixed.shape
+        # mixed only for dDelta; rest not at all: the frozen columns get no gradient
+        ctx.save_for_backward(mixed if delta is not None else None, weight, delta, *([tuned] if ctx.keeps_slice else []))
+        return y.view(*mixed.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        mixed, weight, delta, *kept = ctx.saved_tensors
+        mixed_shape = ctx.mixed_shape
+        tuned_width = mixed_shape[-1]
+        frozen = weight.detach()
+        if delta is None:
+            tuned = frozen[:, :tuned_width]
+        else:
+            tuned = kept[0] if ctx.keeps_slice else _rounded_sum_into(frozen.new_empty(delta.shape), frozen[:, :tuned_width], delta)
+        grads = dy.reshape(-1, dy.shape[-1])
+        d_mixed = d_rest = d_delta = None
+        if ctx.needs_input_grad[0]:
+            d_mixed = grads.matmul(tuned).view(mixed_shape)
+        if ctx.needs_input_grad[1]:
+            d_rest = grads.matmul(frozen[:, tuned_width:]).view(*mixed_shape[:-1], -1)
+        if delta is not None and ctx.needs_input_grad[4]:
+            d_delta = _converted(grads.T.matmul(mixed.reshape(-1, tuned_width)), delta.dtype)
+        return d_mixed, d_rest, None, None, d_delta
+
+
+# Run eagerly under ``compile: True``, like _slice_swapped_linear: the same graph break every
+# step, no recompiles; the Functions write matmuls into slices of one output (``out=``).
+_prefix_rows_linear = torch.compiler.disable(_PrefixRowsLinear.apply)
+_prefix_columns_linear = torch.compiler.disable(_PrefixColumnsLinear.apply)
 
 
 class MergedStages(nn.Module):
@@ -580,6 +748,8 @@ class ApexColumnLinear(_ApexLinear):
         return super().adapter_params() + (["b"] if self.b is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._prefix_path():
+            return self._prefix_forward(x)
         if self._partial_backprop():
             stage = self.live_stage()
             # y_T = x (W_T + Delta)^T + bias_T already: only the operators remain
@@ -593,6 +763,17 @@ class ApexColumnLinear(_ApexLinear):
             bias = merged.bias.to(x.dtype) if merged.bias is not None else None
             y = y.index_add(-1, merged.positions, F.linear(x, merged.weight.to(x.dtype), bias))
         return self._apply_stage(x, y, self.live_stage())
+
+    def _prefix_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The tuned outputs are the first ones: they (with the delta) come out of their own
+        matmul and are mixed, then the frozen rows' matmul writes after them."""
+        stage = self.live_stage()
+        if stage.ops is None:
+            return _prefix_rows_linear(x, self.weight, self.bias, stage.delta, None, 0, self.out_features)
+        tuned_width = len(stage.positions)
+        tuned = _prefix_rows_linear(x, self.weight, self.bias, stage.delta, None, 0, tuned_width)
+        mixed = mix(tuned, stage.ops, stage.b)
+        return _prefix_rows_linear(x, self.weight, self.bias, None, mixed, tuned_width, self.out_features)
 
     @staticmethod
     def _apply_stage(x: torch.Tensor, y: torch.Tensor, stage: Stage) -> torch.Tensor:
@@ -631,6 +812,13 @@ class ApexRowLinear(_ApexLinear):
     dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._prefix_path():
+            # y = W_eff (R x): the tuned inputs mixed on their own, the others read in place
+            stage = self.live_stage()
+            tuned_width = len(stage.positions)
+            tuned, rest = x.split([tuned_width, x.shape[-1] - tuned_width], dim=-1)
+            mixed = mix_transposed(tuned, stage.ops, self.group)
+            return _prefix_columns_linear(mixed, rest, self.weight, self.bias, stage.delta)
         if self._partial_backprop():
             # y = W_eff (R x), W_eff's tuned columns W_T + Delta: one matmul
             stage = self.live_stage()

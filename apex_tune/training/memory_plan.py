@@ -104,8 +104,8 @@ def activation_bytes(
     query head), attention output and FFN w1, w3, gate outputs, 4h + 3i (frozen
     projections keep no inputs); APEX's gathered slices, the column wrappers' (v, w1,
     w3: the tuned outputs and the Monarch's intermediates) r_h kv + K_h kv + 2 r_c i +
-    2 K_c i and the row wrappers' (output_proj, w2: the gathered tuned inputs and the
-    Monarch's two intermediates on N) (r_h + 2 K_h) h + (r_c + 2 K_c) i; with the delta
+    2 K_c i and the row wrappers' (output_proj, w2: a copy of the N inputs and the
+    Monarch's two intermediates on them) 3 K_h h + 3 K_c i; with the delta
     also the normed inputs and the row wrappers' mixed inputs, 2h + r_h h + r_c i; plus
     both norms' inputs in fp32 (8h bytes). No weight slices (the row wrappers act on
     their inputs) and no scattered copies (the wrappers write the tuned entries back
@@ -120,7 +120,7 @@ def activation_bytes(
     h, kv, i, K_h, K_c = embed_dim, kv_dim, intermediate_dim, ratio_heads, ratio_channels
     per_token = 4 * h + 3 * i
     per_token += tuned_heads * kv + K_h * kv + 2 * tuned_channels * i + 2 * K_c * i
-    per_token += (tuned_heads + 2 * K_h) * h + (tuned_channels + 2 * K_c) * i
+    per_token += 3 * K_h * h + 3 * K_c * i
     if delta:
         per_token += 2 * h + tuned_heads * h + tuned_channels * i
     layer = round(tokens * (per_token * dtype_bytes + 2 * h * FP32))
