@@ -54,7 +54,7 @@ import ctypes
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -351,26 +351,34 @@ def layer_micro(dtype, device, rounds: int) -> dict:
     """Forward + backward (input gradient and the method's own weight gradients) of each
     APEX wrapper kind of a Llama-1B-shaped layer, against a frozen linear and a torchtune
     LoRALinear r8 of the same shape, on BATCH x SEQ tokens. Units: a random selection of
-    the settings' sizes (scattered, as a real selection is)."""
+    the settings' sizes, set as the library sets it: FFN channels in the contiguous layout
+    (``apex.contiguous_channels``), heads scattered over the weight. The FFN wrappers are
+    also timed with the layout off (``(scattered)``), and the delta wrappers on the path
+    an NF4 base takes (``(two matmuls)``: the frozen matmul plus one of the tuned slice)."""
     tokens = BATCH * SEQ
     cases = {}
     for label, settings in [("ops", APEX_OPS), ("delta", APEX_52)]:
-        torch.manual_seed(0)
-        with set_default_dtype(dtype), torch.device(device):
-            model = llama3_2(**dict(LLAMA_1B_SHAPES, num_layers=1))
-        apply_apex(model, settings)
-        set_apex_trainable(model, settings)
-        set_selection(model, random_selection(model, torch.Generator().manual_seed(0)))
-        layer = model.layers[0]
-        wrappers = {"column": [("v_proj", layer.attn.v_proj), ("w1", layer.mlp.w1)],
-                    "row": [("output_proj", layer.attn.output_proj), ("w2", layer.mlp.w2)]}
-        if settings.delta:
-            wrappers["column"].insert(0, ("q_proj", layer.attn.q_proj))
-        for kind, named in wrappers.items():
-            for proj, module in named:
-                cases[f"{kind} {label} {proj}"] = module
-                if settings.delta:
-                    cases[f"{kind} {label} {proj} (two matmuls)"] = TwoMatmulDelta(module)
+        for contiguous in (True, False):
+            torch.manual_seed(0)
+            with set_default_dtype(dtype), torch.device(device):
+                model = llama3_2(**dict(LLAMA_1B_SHAPES, num_layers=1))
+            layout_settings = replace(settings, contiguous_channels=contiguous)
+            apply_apex(model, layout_settings)
+            set_apex_trainable(model, layout_settings)
+            set_selection(model, random_selection(model, torch.Generator().manual_seed(0)))
+            layer = model.layers[0]
+            wrappers = {"column": [("v_proj", layer.attn.v_proj), ("w1", layer.mlp.w1)],
+                        "row": [("output_proj", layer.attn.output_proj), ("w2", layer.mlp.w2)]}
+            if settings.delta:
+                wrappers["column"].insert(0, ("q_proj", layer.attn.q_proj))
+            for kind, named in wrappers.items():
+                for proj, module in named:
+                    if contiguous:
+                        cases[f"{kind} {label} {proj}"] = module
+                        if settings.delta:
+                            cases[f"{kind} {label} {proj} (two matmuls)"] = TwoMatmulDelta(module)
+                    elif proj in ("w1", "w2"):  # heads are laid out alike either way
+                        cases[f"{kind} {label} {proj} (scattered)"] = module
     baselines = {}
     for in_dim, out_dim in {_dims(m) for m in cases.values()}:
         with set_default_dtype(dtype), torch.device(device):
@@ -429,18 +437,19 @@ def layer_micro(dtype, device, rounds: int) -> dict:
 class TwoMatmulDelta(nn.Module):
     """A delta wrapper computing as over an NF4 base: the frozen matmul plus a matmul of the
     tuned slice, both back-propagated (the path before partial back-propagation), timed
-    beside the swapped-slice path on the same wrapper."""
+    beside the slice paths on the same wrapper."""
 
     def __init__(self, wrapper: nn.Module):
         super().__init__()
         self.wrapper = wrapper
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.wrapper._partial_backprop = lambda: False  # shadows the method for this call
+        # instance attributes shadow the methods for this call
+        self.wrapper._partial_backprop = self.wrapper._prefix_path = lambda: False
         try:
             return self.wrapper(x)
         finally:
-            del self.wrapper._partial_backprop
+            del self.wrapper._partial_backprop, self.wrapper._prefix_path
 
 
 def _dims(module) -> tuple:

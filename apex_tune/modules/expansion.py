@@ -26,6 +26,17 @@ last dim) and its transpose :func:`mix_transposed` (N <- a N, P <- P + M^T N):
   wrappers, transposed) or columns (row wrappers) of W~, in fp32.
 The base ``weight``/``bias`` keep their names, so base checkpoints load as is.
 
+How the matmuls run over a dense frozen base (over NF4: frozen matmul plus slice matmuls):
+
+- tuned units first in the weight, in [N, P, E] order (the contiguous layout, which
+  :func:`~apex_tune.modules.model.set_selection` gives FFN channels): matmuls over row or
+  column slices of the weight write into one output (``_PrefixRowsLinear``,
+  ``_PrefixColumnsLinear``); no gather, weight copy or write-back, and only the delta's
+  weight gradient is computed;
+- tuned units scattered (heads, or the layout off): the tuned slice W_T + Delta is
+  swapped into the frozen weight for one matmul (``_SliceSwappedLinear``), the tuned
+  entries gathered and written back.
+
 Precision: the APEX parameters (M's factors, ``a``, ``b``, delta) are stored
 in fp32 (``APEX_PARAM_DTYPE``) whatever the base dtype, so that an optimizer
 step of about the learning rate is not rounded away (near 1.0 a bf16 step is
