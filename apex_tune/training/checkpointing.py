@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -21,8 +22,10 @@ from apex_tune.training.testing import fault_point
 from apex_tune.training.inputs import InputError, safetensors_header
 from apex_tune.training.distributed import build_rope_caches_, check_same_resume_point
 from apex_tune.training.run_options import ConfigError
+from apex_tune.modules.layout import base_layout_state_dict
 from apex_tune.modules.model import (
     apply_apex,
+    assume_layout_,
     unwrap_apex,
     materialize_apex_buffers_,
     param_kind,
@@ -151,8 +154,21 @@ def local_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_local_model_state(model: nn.Module, tensors: Dict[str, torch.Tensor], where: str) -> None:
-    """Copy this rank's saved shards into the (already sharded) model, in place."""
+def load_local_model_state(
+    model: nn.Module, tensors: Dict[str, torch.Tensor], where: str, selection: Optional[List[Any]] = None
+) -> None:
+    """Copy this rank's saved shards into the (already sharded) model, in place.
+
+    ``selection``: the saved selection (as saved, a list of dicts), whose FFN channel
+    layout the shards are in (see :mod:`apex_tune.modules.layout`); the fresh model
+    is told that layout first, so the shards load as they are and setting that
+    selection afterwards moves nothing."""
+    if selection is not None:
+        try:
+            assume_layout_(model, [LayerSelection.from_dict(d) for d in selection])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{where}: the saved selection does not fit this model ({e}); "
+                                  "resume with the same model and apex config") from e
     expected = set()
     for name, value in model.state_dict().items():
         local = value.to_local() if isinstance(value, DTensor) else value
@@ -503,6 +519,8 @@ def unwrapped_state_dict(
 ) -> Tuple[Dict[str, torch.Tensor], Optional[float]]:
     """The plain model's state dict that a wrapped state dict fuses to, on CPU.
 
+    ``wrapped_state_dict`` is in the base channel layout (a live model's, taken in its
+    layout, through :func:`~apex_tune.modules.layout.base_layout_state_dict`).
     Rebuilds the wrapped model on the meta device (``build_model`` gives the base
     architecture in the run's dtype) around copies of the given tensors and fuses
     it with :func:`unwrap_apex`, leaving the live (possibly sharded) training model
@@ -511,6 +529,7 @@ def unwrapped_state_dict(
     """
     with torch.device("meta"):
         model = build_model()
+    settings = replace(settings, contiguous_channels=False)  # folded where the tensors are: no permutation
     apply_apex(model, settings)
     set_apex_trainable(model, settings)  # fp32 trained embeddings, used in the model's dtype
     if settings.quantize_base:  # the frozen stages the state holds; weights load dequantized
@@ -545,8 +564,9 @@ def plain_checkpoint_state(
     tolerance: float,
     label: str,
 ) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
-    """The plain model to save from a gathered wrapped state dict, in the run's dtype,
-    and why it must not be saved (None when it may).
+    """The plain model to save from a gathered wrapped state dict (in the base channel
+    layout, see :func:`unwrapped_state_dict`), in the run's dtype, and why it must not
+    be saved (None when it may).
 
     ``fold``: fold a CPU copy (:func:`unwrapped_state_dict`), which must reproduce the
     wrapped model on the probe batch within ``tolerance``; otherwise the live model

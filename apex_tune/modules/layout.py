@@ -1,0 +1,169 @@
+"""The physical order of each layer's FFN channels (``apex.contiguous_channels``).
+
+A SwiGLU FFN computes ``w2(act(w1 x) * w3 x)`` channel by channel, so permuting its
+channels (the rows of w1 and w3 and their biases, and the same columns of w2)
+leaves its function unchanged. With the layout on,
+:func:`~apex_tune.modules.model.set_selection` moves the selected channels first, in
+the order the expansion mixes them ([N, P, E]), followed by the other channels in
+ascending order: the wrappers' tuned positions are then the prefix ``0 .. T-1``,
+and their gathers and scatters of weights and activations are contiguous slices.
+
+Bookkeeping, on the FFN's :class:`~apex_tune.modules.expansion.ApexExpansion`:
+
+- ``slots``: a non-persistent buffer, base channel id -> physical position
+  (identity until a selection moves the channels; the live layout is always the
+  one :func:`layout_order` gives for the current selection, so a saved selection
+  is enough to know the layout of saved weights);
+- ``contiguous``: whether selections move the channels (off: the base layout stays).
+
+Only the live wrapped model is in the physical layout. The expansion's ``units``,
+selections, the ranker's scores, selection logs and every saved plain model are in
+base ids and the base layout; the wrappers alone see physical positions (through
+``set_units``). Heads keep the base layout.
+"""
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from apex_tune.modules._dtensor import assign_, full_value
+from apex_tune.modules.expansion import ApexExpansion, _ApexLinear
+from apex_tune.modules.geometry import CHANNELS, PROJECTIONS, ApexLayer, find_apex_layers
+
+# The expansion's buffer mapping base channel ids to physical positions (identity when built).
+SLOTS = "slots"
+
+
+def add_channel_layout(expansion: ApexExpansion, num_channels: int, contiguous: bool) -> None:
+    """Give an FFN's expansion its layout bookkeeping: the identity ``slots``, and
+    whether selections lay the channels out contiguously."""
+    expansion.register_buffer(
+        SLOTS, torch.arange(num_channels, device=expansion.units.device), persistent=False
+    )
+    expansion.contiguous = contiguous
+
+
+def layout_order(units: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """Physical position -> base channel id of the contiguous layout of ``units``
+    (ordered [N, P, E]): those first, then the other channels ascending."""
+    rest = torch.ones(num_channels, dtype=torch.bool, device=units.device)
+    rest[units] = False
+    return torch.cat([units, torch.arange(num_channels, device=units.device)[rest]])
+
+
+def target_order(expansion: ApexExpansion, units: torch.Tensor) -> torch.Tensor:
+    """The layout a selection of ``units`` (base ids, [N, P, E]) puts the channels in."""
+    num_channels = len(expansion.slots)
+    if expansion.contiguous:
+        return layout_order(units.to(expansion.slots.device), num_channels)
+    return torch.arange(num_channels, device=expansion.slots.device)
+
+
+def _slots_of(order: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``order``: base channel id -> physical position."""
+    return torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=order.device))
+
+
+@torch.no_grad()
+def _gather_(param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+    """``param`` <- ``param.index_select(dim, index)``, whole (a DTensor keeps its shard).
+
+    A plain tensor gets new storage instead of being overwritten: the frozen base
+    weights of several models may share storage (``load_state_dict(assign=True)``),
+    and this permutes only this model's."""
+    value = full_value(param)
+    permuted = value.index_select(dim, index.to(value.device))
+    if isinstance(param, DTensor):
+        assign_(param, permuted)
+    else:
+        param.data = permuted
+
+
+def _is_meta(t: torch.Tensor) -> bool:
+    return (t.to_local() if isinstance(t, DTensor) else t).is_meta
+
+
+@torch.no_grad()
+def relayout_(layer: ApexLayer, order: torch.Tensor) -> None:
+    """Put ``layer``'s FFN channels in ``order`` (physical position -> base id): one
+    gather per weight (none if they are there already), then point the wrappers at
+    the physical positions of the expansion's units. On the meta device only the
+    wrappers are pointed (there is nothing to move)."""
+    expansion = layer.expansion(CHANNELS)
+    slots = expansion.slots
+    wrappers = layer.wrappers(CHANNELS)
+    if not slots.is_meta and not any(_is_meta(w.weight) for w in wrappers):
+        order = order.to(slots.device)
+        # New position p holds base channel order[p], now at position slots[order[p]].
+        source = slots.index_select(0, order)
+        if not torch.equal(source, torch.arange(len(source), device=source.device)):
+            for wrapper in wrappers:  # w1, w3: rows (and their biases); w2: columns
+                _gather_(wrapper.weight, wrapper.dim, source)
+                if wrapper.bias is not None and wrapper.dim == 0:
+                    _gather_(wrapper.bias, 0, source)
+            slots.copy_(_slots_of(order))
+    physical = expansion.units if slots.is_meta else slots.index_select(0, expansion.units)
+    for wrapper in wrappers:
+        wrapper.set_units(physical)
+
+
+def restore_base_layout_(model: nn.Module) -> None:
+    """Move every layer's FFN channels back to the base layout (wrappers follow)."""
+    for layer in find_apex_layers(model):
+        expansion = layer.expansion(CHANNELS)
+        if expansion is not None:
+            relayout_(layer, torch.arange(len(expansion.slots)))
+
+
+@torch.no_grad()
+def assume_channel_layout_(layer: ApexLayer, units: torch.Tensor) -> None:
+    """Record that ``layer``'s FFN weights are already in the layout a selection of
+    ``units`` gives (e.g. they are about to be loaded from a state saved in it);
+    moves nothing."""
+    expansion = layer.expansion(CHANNELS)
+    expansion.slots.copy_(_slots_of(target_order(expansion, units)))
+
+
+def _physical_to_base(expansion: Optional[ApexExpansion]) -> Optional[torch.Tensor]:
+    """Index turning a physically ordered channel dim into base order (None: same order)."""
+    if expansion is None or not getattr(expansion, "contiguous", False):
+        return None
+    return expansion.slots  # base channel u sits at position slots[u]
+
+
+def base_layout_weights(
+    wrapper: _ApexLinear, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Full ``weight``/``bias`` of ``wrapper``, as the live model holds them, in the
+    base layout (w1, w3: rows and bias; w2: columns; other wrappers unchanged)."""
+    index = _physical_to_base(wrapper.expansion)
+    if index is None:
+        return weight, bias
+    index = index.to(weight.device)
+    weight = weight.index_select(wrapper.dim, index)
+    if bias is not None and wrapper.dim == 0:
+        bias = bias.index_select(0, index)
+    return weight, bias
+
+
+def base_layout_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A full (gathered) state dict of the wrapped ``model``, taken in its live layout,
+    with the FFN weights in the base layout (a new dict; other tensors are shared).
+    Keys are torchtune's decoder names, ``layers.<i>.mlp.<w1|w3|w2>.<weight|bias>``."""
+    out = dict(state_dict)
+    for layer in find_apex_layers(model):
+        index = _physical_to_base(layer.expansion(CHANNELS))
+        if index is None:
+            continue
+        index = index.cpu()
+        for name, wrapper in layer.named_wrappers(CHANNELS):
+            prefix = f"layers.{layer.index}.{PROJECTIONS[CHANNELS][0]}.{name}"
+            keys = [(f"{prefix}.weight", wrapper.dim)] + ([(f"{prefix}.bias", 0)] if wrapper.dim == 0 else [])
+            for key, dim in keys:
+                if key in out:
+                    out[key] = out[key].index_select(dim, index.to(out[key].device))
+                elif key.endswith(".weight"):
+                    raise KeyError(f"{key} is not in the state dict: not a torchtune decoder's")
+    return out
