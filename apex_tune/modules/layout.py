@@ -48,9 +48,11 @@ def add_channel_layout(expansion: ApexExpansion, num_channels: int, contiguous: 
 def layout_order(units: torch.Tensor, num_channels: int) -> torch.Tensor:
     """Physical position -> base channel id of the contiguous layout of ``units``
     (ordered [N, P, E]): those first, then the other channels ascending."""
-    rest = torch.ones(num_channels, dtype=torch.bool, device=units.device)
-    rest[units] = False
-    return torch.cat([units, torch.arange(num_channels, device=units.device)[rest]])
+    # Sort keys: i for the i-th unit, num_channels + id for the others (no boolean
+    # indexing, whose size is data-dependent: this also runs on the meta device).
+    keys = torch.arange(num_channels, device=units.device) + num_channels
+    keys[units] = torch.arange(len(units), device=units.device)
+    return torch.argsort(keys)
 
 
 def target_order(expansion: ApexExpansion, units: torch.Tensor) -> torch.Tensor:
