@@ -129,7 +129,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         resumed = find_resume_state(self._output_dir, self.options.resume, self.rank, self.world_size)
         self._model = self._setup_model(cfg, base_state_with_history(base_state, resumed), fresh=not resumed)
         if resumed:  # every rank its own shards; NF4 base weights stay as quantized from the base
-            load_local_model_state(self._model, resumed["tensors"], resumed["where"], resumed["meta"]["selection"])
+            load_local_model_state(self._model, resumed["tensors"], resumed["where"])
         del base_state
         self._activations_ctx = activation_offloading(self._model, self.options.activation_offloading)
         self._tokenizer = build_tokenizer(cfg.tokenizer)

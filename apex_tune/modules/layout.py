@@ -16,13 +16,17 @@ Bookkeeping, on the FFN's :class:`~apex_tune.modules.expansion.ApexExpansion`:
   is enough to know the layout of saved weights);
 - ``contiguous``: whether selections move the channels (off: the base layout stays).
 
+A resume state holds the live weights, so it holds the layout too
+(:func:`channel_layout_state`, restored by :func:`load_channel_layout_` before the
+weights are copied in).
+
 Only the live wrapped model is in the physical layout. The expansion's ``units``,
 selections, the ranker's scores, selection logs and every saved plain model are in
 base ids and the base layout; the wrappers alone see physical positions (through
 ``set_units``). Heads keep the base layout.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -119,13 +123,56 @@ def restore_base_layout_(model: nn.Module) -> None:
             relayout_(layer, torch.arange(len(expansion.slots)))
 
 
+# Keys of the layout in a saved state: one ``slots`` tensor per layer with channel expansion.
+LAYOUT_STATE_PREFIX = "channel_layout."
+
+
+def _layout_key(layer: ApexLayer) -> str:
+    return f"{LAYOUT_STATE_PREFIX}layers.{layer.index}.{SLOTS}"
+
+
+def _layers_with_layout(model: nn.Module) -> List[ApexLayer]:
+    """The layers whose FFN channels have a layout (none in a model without APEX)."""
+    if not any(isinstance(m, ApexExpansion) and hasattr(m, SLOTS) for m in model.modules()):
+        return []
+    return [layer for layer in find_apex_layers(model) if layer.expansion(CHANNELS) is not None]
+
+
+def channel_layout_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The FFN channel layout of every layer (``slots``, on the CPU), to save beside
+    weights taken in it."""
+    return {_layout_key(layer): layer.expansion(CHANNELS).slots.detach().cpu().clone()
+            for layer in _layers_with_layout(model)}
+
+
 @torch.no_grad()
-def assume_channel_layout_(layer: ApexLayer, units: torch.Tensor) -> None:
-    """Record that ``layer``'s FFN weights are already in the layout a selection of
-    ``units`` gives (e.g. they are about to be loaded from a state saved in it);
-    moves nothing."""
-    expansion = layer.expansion(CHANNELS)
-    expansion.slots.copy_(_slots_of(target_order(expansion, units)))
+def load_channel_layout_(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Record that the model's FFN weights are in the layout ``state`` saved
+    (:func:`channel_layout_state`; a state without it was saved in the base layout),
+    moving nothing: call it before copying weights saved in that layout into the model.
+    A selection set afterwards moves the channels from there as usual. Raises
+    ValueError naming the key of a layout that does not fit the model."""
+    expected = set()
+    for layer in _layers_with_layout(model):
+        expansion = layer.expansion(CHANNELS)
+        key = _layout_key(layer)
+        expected.add(key)
+        slots = expansion.slots
+        saved = state.get(key)
+        if saved is None:
+            slots.copy_(torch.arange(len(slots)))
+            continue
+        is_permutation = (
+            saved.shape == slots.shape
+            and saved.dtype == slots.dtype
+            and torch.equal(saved.sort().values, torch.arange(len(slots)))
+        )
+        if not is_permutation:
+            raise ValueError(f"{key} is not an order of the layer's {len(slots)} FFN channels")
+        slots.copy_(saved)
+    extra = sorted(k for k in state if k.startswith(LAYOUT_STATE_PREFIX) and k not in expected)
+    if extra:
+        raise ValueError(f"{extra[0]} is not a layer of this model with channel expansion")
 
 
 def _physical_to_base(expansion: Optional[ApexExpansion]) -> Optional[torch.Tensor]:

@@ -25,7 +25,7 @@ from apex_tune.modules.geometry import (  # noqa: F401  (HEADS, CHANNELS, ApexLa
     param_kind,
     wrapped_layers,
 )
-from apex_tune.modules.layout import SLOTS, add_channel_layout, assume_channel_layout_, relayout_, restore_base_layout_, target_order
+from apex_tune.modules.layout import SLOTS, add_channel_layout, relayout_, restore_base_layout_, target_order
 from apex_tune.modules.nf4 import ApexHistory, quantize_projections_
 from apex_tune.modules.selection import LayerSelection, UnitSelection
 from apex_tune.modules.config import ApexSettings
@@ -108,36 +108,6 @@ def get_selection(model: nn.Module) -> List[LayerSelection]:
     return selections
 
 
-def _checked_units(layer: ApexLayer, kind: str, units_sel: UnitSelection) -> Optional[torch.Tensor]:
-    """The [N, P, E] unit ids of ``units_sel`` for ``layer``'s ``kind``, checked against
-    the wrapped sizes; None where ``kind`` is not expanded (and the selection is empty)."""
-    units = units_sel.ordered()
-    expansion = layer.expansion(kind)
-    if expansion is None:
-        if len(units):
-            raise ValueError(
-                f"layer {layer.index} {kind}: the selection has {len(units)} units but "
-                f"{kind} expansion is off"
-            )
-        return None
-    if len(units) != len(expansion.units) or len(units_sel.disadvantageous) != expansion.num_expanded:
-        raise ValueError(
-            f"layer {layer.index} {kind}: selection sizes (P {len(units_sel.advantageous)}, "
-            f"N {len(units_sel.disadvantageous)}, E {len(units_sel.extra)}) do not match "
-            f"the wrapped sizes (K {expansion.num_expanded}, E {expansion.num_extra})"
-        )
-    if len(set(units.tolist())) != len(units) or min(units.tolist()) < 0 or max(units.tolist()) >= layer.num_units(kind):
-        raise ValueError(f"layer {layer.index} {kind}: P, N, E must be disjoint unit ids")
-    return units
-
-
-def _checked_layers(model: nn.Module, selection: Sequence[LayerSelection]) -> List[ApexLayer]:
-    layers = wrapped_layers(model)
-    if len(selection) != len(layers):
-        raise ValueError(f"selection covers {len(selection)} layers, the model has {len(layers)}")
-    return layers
-
-
 def set_selection(model: nn.Module, selection: Sequence[LayerSelection]) -> None:
     """Point every wrapper at new P/N/E sets (same sizes: shapes never change).
 
@@ -146,31 +116,35 @@ def set_selection(model: nn.Module, selection: Sequence[LayerSelection]) -> None
     the channel wrappers then get the physical positions ``0 .. T-1``. The selection
     itself (``get_selection``, the expansion's ``units``) stays in base unit ids.
     """
-    layers = _checked_layers(model, selection)
+    layers = wrapped_layers(model)
+    if len(selection) != len(layers):
+        raise ValueError(f"selection covers {len(selection)} layers, the model has {len(layers)}")
     for layer, layer_sel in zip(layers, selection):
         for kind in KINDS:
-            units = _checked_units(layer, kind, getattr(layer_sel, kind))
-            if units is None:
-                continue
+            units_sel: UnitSelection = getattr(layer_sel, kind)
+            units = units_sel.ordered()
             expansion = layer.expansion(kind)
+            if expansion is None:
+                if len(units):
+                    raise ValueError(
+                        f"layer {layer.index} {kind}: the selection has {len(units)} units but "
+                        f"{kind} expansion is off"
+                    )
+                continue
+            if len(units) != len(expansion.units) or len(units_sel.disadvantageous) != expansion.num_expanded:
+                raise ValueError(
+                    f"layer {layer.index} {kind}: selection sizes (P {len(units_sel.advantageous)}, "
+                    f"N {len(units_sel.disadvantageous)}, E {len(units_sel.extra)}) do not match "
+                    f"the wrapped sizes (K {expansion.num_expanded}, E {expansion.num_extra})"
+                )
+            if len(set(units.tolist())) != len(units) or min(units.tolist()) < 0 or max(units.tolist()) >= layer.num_units(kind):
+                raise ValueError(f"layer {layer.index} {kind}: P, N, E must be disjoint unit ids")
             expansion.units.copy_(units.to(expansion.units.device))
             if kind == CHANNELS:
                 relayout_(layer, target_order(expansion, units))  # points the wrappers too
             else:
                 for wrapper in layer.wrappers(kind):
                     wrapper.set_units(units)
-
-
-def assume_layout_(model: nn.Module, selection: Sequence[LayerSelection]) -> None:
-    """Record that the model's FFN weights are in the layout ``selection`` gives them,
-    moving nothing: for shards saved from a model with that selection and about to be
-    copied into a fresh one (a resume). Call :func:`set_selection` with the same
-    selection afterwards (it then moves nothing either)."""
-    layers = _checked_layers(model, selection)
-    for layer, layer_sel in zip(layers, selection):
-        units = _checked_units(layer, CHANNELS, layer_sel.channels)
-        if units is not None:
-            assume_channel_layout_(layer, units)
 
 
 def placeholder_selection(model: nn.Module) -> List[LayerSelection]:

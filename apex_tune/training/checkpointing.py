@@ -22,10 +22,9 @@ from apex_tune.training.testing import fault_point
 from apex_tune.training.inputs import InputError, safetensors_header
 from apex_tune.training.distributed import build_rope_caches_, check_same_resume_point
 from apex_tune.training.run_options import ConfigError
-from apex_tune.modules.layout import base_layout_state_dict
+from apex_tune.modules.layout import channel_layout_state, load_channel_layout_
 from apex_tune.modules.model import (
     apply_apex,
-    assume_layout_,
     unwrap_apex,
     materialize_apex_buffers_,
     param_kind,
@@ -144,8 +143,9 @@ def decode(obj: Any, tensors: Dict[str, torch.Tensor], where: str,
 # ----------------------------------------------------------- model, optimizer
 def local_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """This rank's part of the wrapped model: the local shard of every tensor, except
-    NF4 base weights (a QAPEX base never changes: resume quantizes the base again)."""
-    out = {}
+    NF4 base weights (a QAPEX base never changes: resume quantizes the base again),
+    and the FFN channel layout the weights are in."""
+    out = channel_layout_state(model)
     for name, value in model.state_dict().items():
         local = value.to_local() if isinstance(value, DTensor) else value
         if not is_nf4(local):
@@ -154,21 +154,14 @@ def local_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_local_model_state(
-    model: nn.Module, tensors: Dict[str, torch.Tensor], where: str, selection: Optional[List[Any]] = None
-) -> None:
-    """Copy this rank's saved shards into the (already sharded) model, in place.
-
-    ``selection``: the saved selection (as saved, a list of dicts), whose FFN channel
-    layout the shards are in (see :mod:`apex_tune.modules.layout`); the fresh model
-    is told that layout first, so the shards load as they are and setting that
-    selection afterwards moves nothing."""
-    if selection is not None:
-        try:
-            assume_layout_(model, [LayerSelection.from_dict(d) for d in selection])
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise CheckpointError(f"{where}: the saved selection does not fit this model ({e}); "
-                                  "resume with the same model and apex config") from e
+def load_local_model_state(model: nn.Module, tensors: Dict[str, torch.Tensor], where: str) -> None:
+    """Copy this rank's saved shards into the (already sharded) model, in place, in
+    the FFN channel layout they were saved in (see :mod:`apex_tune.modules.layout`;
+    setting the saved selection afterwards then moves nothing)."""
+    try:
+        load_channel_layout_(model, tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}; the state belongs to another model or is damaged") from e
     expected = set()
     for name, value in model.state_dict().items():
         local = value.to_local() if isinstance(value, DTensor) else value

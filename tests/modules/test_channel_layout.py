@@ -13,10 +13,11 @@ import torch
 
 from apex_tune import ActivationRanker, ApexSettings, apply_apex, fold_apex_, get_selection, set_selection, unwrap_apex
 from apex_tune.models.builders import apex_model
-from apex_tune.modules.layout import base_layout_state_dict, layout_order
+from apex_tune.modules.layout import LAYOUT_STATE_PREFIX, base_layout_state_dict, layout_order
 from apex_tune.modules.model import CHANNELS, HEADS, find_apex_layers
 from apex_tune.modules.selection import read_selection_file, write_selection_file
 from apex_tune.training.checkpointing import (
+    CheckpointError,
     load_local_model_state,
     local_model_state,
     plain_checkpoint_state,
@@ -173,19 +174,52 @@ def test_plain_state_dict_hooks_save_and_load_the_base_layout(tmp_path, tokens):
 
 
 def test_resume_shards_load_into_the_saved_layout(tokens):
-    """The recipe's resume: local shards saved in the live layout, loaded into a fresh
-    model told the saved selection first; setting that selection then moves nothing."""
-    base, on, _ = _twins()
+    """The recipe's resume: local shards saved in the live layout, with the layout, loaded
+    into a fresh model; setting the saved selection then moves nothing. Resumed with the
+    layout off, the same selection moves the channels back to the base layout."""
+    base, on, off = _twins()
     selection = random_selection(base, ON, seed=1)
-    _select_and_perturb((on,), selection, seed=2)
+    _select_and_perturb((on, off), selection, seed=2)
     saved = local_model_state(on)
+    assert any(key.startswith(LAYOUT_STATE_PREFIX) for key in saved)
     fresh = apply_apex(copy.deepcopy(base), ON)
-    load_local_model_state(fresh, saved, "test state", [s.to_dict() for s in selection])
-    weights = {k: v for k, v in fresh.state_dict().items() if k.endswith("weight")}
+    load_local_model_state(fresh, saved, "test state")
+    weights = {k: v.clone() for k, v in fresh.state_dict().items()}
     set_selection(fresh, selection)
-    assert all(v is fresh.state_dict()[k] or torch.equal(v, fresh.state_dict()[k]) for k, v in weights.items())
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in weights.items())  # nothing moved
     with torch.no_grad():
         assert torch.equal(fresh(tokens), on(tokens))
+
+    resumed_off = apply_apex(copy.deepcopy(base), OFF)
+    load_local_model_state(resumed_off, saved, "test state")
+    set_selection(resumed_off, selection)
+    for key, value in off.state_dict().items():
+        assert torch.equal(resumed_off.state_dict()[key], value), key
+
+
+def test_resume_state_layout_is_checked_and_defaults_to_the_base_layout():
+    base, on, off = _twins()
+    selection = random_selection(base, ON, seed=1)
+    set_selection(off, selection)
+    older = {k: v for k, v in local_model_state(off).items() if not k.startswith(LAYOUT_STATE_PREFIX)}
+    fresh = apply_apex(copy.deepcopy(base), ON)
+    set_selection(fresh, random_selection(base, ON, seed=2))  # some other layout before the load
+    load_local_model_state(fresh, older, "old state")  # saved before layouts existed: the base layout
+    set_selection(fresh, selection)  # moves the channels from the base layout
+    assert not torch.equal(fresh.layers[0].mlp.w1.weight, off.layers[0].mlp.w1.weight)
+    in_base_layout = base_layout_state_dict(fresh, fresh.state_dict())
+    for key, value in off.state_dict().items():
+        assert torch.equal(in_base_layout[key], value), key
+
+    set_selection(on, selection)
+    saved = local_model_state(on)
+    key = next(k for k in saved if k.startswith(LAYOUT_STATE_PREFIX))
+    for damaged, message in (
+        ({**saved, key: torch.zeros_like(saved[key])}, "is not an order of the layer's 96 FFN channels"),
+        ({**saved, LAYOUT_STATE_PREFIX + "layers.7.slots": saved[key]}, "is not a layer of this model"),
+    ):
+        with pytest.raises(CheckpointError, match=f"damaged state: .*{message}"):
+            load_local_model_state(apply_apex(copy.deepcopy(base), ON), damaged, "damaged state")
 
 
 @pytest.mark.parametrize("fold", [False, True])
