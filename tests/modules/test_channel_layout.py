@@ -10,6 +10,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
+from torchtune.models.llama3 import llama3
 
 from apex_tune import ActivationRanker, ApexSettings, apply_apex, fold_apex_, get_selection, set_selection, unwrap_apex
 from apex_tune.models.builders import apex_model
@@ -88,8 +90,6 @@ def test_layout_off_and_quantized_base_keep_the_base_layout():
         for name, wrapper in wrappers:
             assert torch.equal(wrapper.weight, getattr(base.layers[layer.index].mlp, name).weight)
     quantized = replace(ON, delta=False, tuned_ratio_heads=None, tuned_ratio_channels=None, quantize_base=True)
-    from torchtune.models.llama3 import llama3
-
     nf4_base = llama3(vocab_size=VOCAB, num_layers=1, num_heads=8, num_kv_heads=2, embed_dim=256,
                       intermediate_dim=512, max_seq_len=64)  # NF4 needs multiples of 64 * 256 elements
     model = apply_apex(nf4_base, quantized)
@@ -98,6 +98,35 @@ def test_layout_off_and_quantized_base_keep_the_base_layout():
         assert not expansion.contiguous and torch.equal(expansion.slots, torch.arange(512))
         for _, wrapper in wrappers:
             assert torch.equal(wrapper.positions, expansion.units)
+
+
+@torch.no_grad()
+def _with_ffn_biases(model: nn.Module) -> nn.Module:
+    """``model`` with w1, w3 and w2 given random biases (torchtune's builders make none)."""
+    gen = torch.Generator().manual_seed(9)
+    for layer in model.layers:
+        for name in ("w1", "w3", "w2"):
+            plain = getattr(layer.mlp, name)
+            biased = nn.Linear(plain.in_features, plain.out_features, bias=True)
+            biased.weight.copy_(plain.weight)
+            biased.bias.copy_(0.1 * torch.randn(plain.out_features, generator=gen))
+            setattr(layer.mlp, name, biased)
+    return model
+
+
+def test_ffn_biases_move_with_their_channels(tokens):
+    base = _with_ffn_biases(build_tiny("llama3_gqa"))
+    on, off = apply_apex(copy.deepcopy(base), ON), apply_apex(copy.deepcopy(base), OFF)
+    _select_and_perturb((on, off), random_selection(base, ON, seed=1), seed=2)
+    with torch.no_grad():
+        assert rel_diff(on(tokens), off(tokens)) <= REORDERED_SUM_TOLERANCE
+    in_base_layout = base_layout_state_dict(on, on.state_dict())
+    for key, value in off.state_dict().items():
+        assert torch.equal(in_base_layout[key], value), key
+    plain_on, plain_off = unwrap_apex(on).state_dict(), unwrap_apex(off).state_dict()
+    assert any(key.endswith("mlp.w1.bias") for key in plain_off)
+    for key, value in plain_off.items():
+        assert torch.equal(plain_on[key], value), key
 
 
 def test_setting_is_validated():
