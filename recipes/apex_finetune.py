@@ -48,6 +48,7 @@ from apex_tune import (
     trainable_parameter_report,
 )
 from apex_tune.cli.config_names import resolve_config_argument
+from apex_tune.modules.layout import base_layout_state_dict
 from apex_tune.modules.model import materialize_apex_buffers_
 from apex_tune.training.assessment import assess
 from apex_tune.training.checkpointing import (
@@ -476,7 +477,7 @@ class ApexFinetuneRecipe(FTRecipeInterface):
         failure = [None]
         if self._is_rank_zero:
             plain, failure[0] = plain_checkpoint_state(
-                wrapped_sd,
+                base_layout_state_dict(self._model, wrapped_sd),  # gathered in the live FFN layout
                 fold=fused or self.settings.quantize_base,  # a quantized base is never merged in place
                 build_model=self._build_model_in_run_dtype, settings=self.settings, selection=selection,
                 probe_tokens=self._probe, dtype=self._dtype, tolerance=self.options.fusion_tolerance, label=label,

@@ -37,6 +37,7 @@ def apex_model(
     delta: bool = False,
     train_embeddings: bool = False,
     quantize_base: bool = False,
+    contiguous_channels: bool = True,
     selection_file: Optional[str] = None,
     plain_state_dict: bool = True,
 ) -> nn.Module:
@@ -62,6 +63,7 @@ def apex_model(
         delta=delta,
         train_embeddings=train_embeddings,
         quantize_base=quantize_base,
+        contiguous_channels=contiguous_channels,
     )
     selection = read_selection_file(selection_file, settings) if selection_file is not None else None
     if isinstance(base, Mapping):

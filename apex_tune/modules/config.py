@@ -52,6 +52,13 @@ class ApexSettings:
             plain checkpoint is folded once, in fp32, from the dequantized base
             (see :mod:`apex_tune.modules.nf4`). Each projection's element count
             must be a multiple of 64 * 256 (NF4 block and scaler block).
+        contiguous_channels (bool): keep each layer's FFN channels physically
+            ordered with the tuned ones first (N, P, E, then the rest): a
+            selection permutes the rows of w1, w3 and the columns of w2, which
+            leaves the model's function unchanged, so that the wrappers read and
+            write one contiguous slice instead of scattered rows and columns.
+            Selections, logs and every saved model stay in the base order.
+            Ignored (the base order is kept) with ``quantize_base``.
     """
 
     ratio: float = 0.1875
@@ -62,6 +69,7 @@ class ApexSettings:
     delta: bool = False
     train_embeddings: bool = False
     quantize_base: bool = False
+    contiguous_channels: bool = True
 
     def __post_init__(self) -> None:
         for name in ("ratio", "ratio_heads", "ratio_channels"):
@@ -99,6 +107,8 @@ class ApexSettings:
 
         if not isinstance(self.quantize_base, bool):
             raise ValueError(f"apex.quantize_base={self.quantize_base!r} must be true or false")
+        if not isinstance(self.contiguous_channels, bool):
+            raise ValueError(f"apex.contiguous_channels={self.contiguous_channels!r} must be true or false")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,6 +25,7 @@ from apex_tune.modules.geometry import (  # noqa: F401  (HEADS, CHANNELS, ApexLa
     param_kind,
     wrapped_layers,
 )
+from apex_tune.modules.layout import SLOTS, add_channel_layout, relayout_, restore_base_layout_, target_order
 from apex_tune.modules.nf4 import ApexHistory, quantize_projections_
 from apex_tune.modules.selection import LayerSelection, UnitSelection
 from apex_tune.modules.config import ApexSettings
@@ -64,6 +65,8 @@ def apply_apex(
             tuned = 2 * expanded + settings.extra_units(layer.num_units(kind), kind)
             width = hd if kind == HEADS else 1
             expansion = owner.apex_expansion = ApexExpansion(expanded, tuned - 2 * expanded, width, device=device)
+            if kind == CHANNELS:  # an NF4 base, never rewritten, keeps the base layout
+                add_channel_layout(expansion, layer.num_units(kind), settings.contiguous_channels and not settings.quantize_base)
             # Over an NF4 base, never rewritten, the wrappers also apply the finished stages:
             # with the delta each as one merged correction, without it the owner's frozen
             # operator stages (see apex_tune.modules.nf4).
@@ -106,7 +109,13 @@ def get_selection(model: nn.Module) -> List[LayerSelection]:
 
 
 def set_selection(model: nn.Module, selection: Sequence[LayerSelection]) -> None:
-    """Point every wrapper at new P/N/E sets (same sizes: shapes never change)."""
+    """Point every wrapper at new P/N/E sets (same sizes: shapes never change).
+
+    With ``contiguous_channels`` each layer's FFN channels are moved so that the
+    selected ones come first, in [N, P, E] order (see :mod:`apex_tune.modules.layout`):
+    the channel wrappers then get the physical positions ``0 .. T-1``. The selection
+    itself (``get_selection``, the expansion's ``units``) stays in base unit ids.
+    """
     layers = wrapped_layers(model)
     if len(selection) != len(layers):
         raise ValueError(f"selection covers {len(selection)} layers, the model has {len(layers)}")
@@ -131,8 +140,11 @@ def set_selection(model: nn.Module, selection: Sequence[LayerSelection]) -> None
             if len(set(units.tolist())) != len(units) or min(units.tolist()) < 0 or max(units.tolist()) >= layer.num_units(kind):
                 raise ValueError(f"layer {layer.index} {kind}: P, N, E must be disjoint unit ids")
             expansion.units.copy_(units.to(expansion.units.device))
-            for wrapper in layer.wrappers(kind):
-                wrapper.set_units(units)
+            if kind == CHANNELS:
+                relayout_(layer, target_order(expansion, units))  # points the wrappers too
+            else:
+                for wrapper in layer.wrappers(kind):
+                    wrapper.set_units(units)
 
 
 def placeholder_selection(model: nn.Module) -> List[LayerSelection]:
@@ -163,12 +175,16 @@ def random_selection(model: nn.Module, generator: torch.Generator) -> List[Layer
 
 def materialize_apex_buffers_(model: nn.Module, device: torch.device) -> None:
     """Allocate on ``device`` the index buffers of a wrapped model built on the meta
-    device (their values are set by :func:`set_selection`)."""
+    device (their values are set by :func:`set_selection`; the FFN channel layout
+    starts as the base layout)."""
     for module in model.modules():
         if isinstance(module, (ApexExpansion, _ApexLinear)):
             for name, buf in list(module._buffers.items()):
                 if buf is not None and buf.is_meta:
-                    module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+                    if name == SLOTS:
+                        module._buffers[name] = torch.arange(buf.shape[0], dtype=buf.dtype, device=device)
+                    else:
+                        module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
 
 
 def init_apex_(model: nn.Module, device: torch.device, seed: int = 0) -> None:
@@ -241,8 +257,10 @@ def unwrap_apex(model: nn.Module) -> nn.Module:
     The result is the plain base architecture: its state dict has exactly the
     base model's keys and shapes, and trained fp32 embeddings go back to the
     base dtype. A quantized base is folded with its frozen
-    stages and dequantized: the result holds no NF4 weights.
+    stages and dequantized: the result holds no NF4 weights. FFN channels go back
+    to the base layout first.
     """
+    restore_base_layout_(model)
     for layer in wrapped_layers(model):
         for kind in KINDS:
             owner = layer.owner(kind)

@@ -7,9 +7,12 @@ does) a wrapped model
 
 - saves the plain base keys and shapes: each wrapped weight is saved folded
   (W', operators and delta included) and APEX's own parameters are left out,
-  like torchtune's NF4/QAT state-dict hooks; the live model is not changed;
+  like torchtune's NF4/QAT state-dict hooks, in the base channel layout (see
+  :mod:`apex_tune.modules.layout`); the live model is not changed;
 - loads a base state dict strictly: APEX parameters the state dict lacks start
   at identity (M = 0, a = b = 1, delta = 0), so the model computes the base.
+  The FFN channels go back to the base layout before the load, and the
+  selection applied after it lays them out again.
 
 It is opt-in: the ``apex_finetune`` recipe saves and resumes the wrapped state
 dict itself.
@@ -22,6 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from apex_tune.modules.expansion import _ApexLinear
+from apex_tune.modules.layout import base_layout_weights, restore_base_layout_
 from apex_tune.modules.model import (
     find_apex_layers,
     materialize_apex_buffers_,
@@ -87,7 +91,7 @@ def _fold_on_save(module: nn.Module, state_dict, prefix: str, local_metadata) ->
         # the keys and shapes) has nothing to fold.
         if key not in state_dict or _is_meta(wrapper.weight):
             continue
-        weight, bias, _ = wrapper.folded()
+        weight, bias = base_layout_weights(wrapper, *wrapper.folded()[:2])
         state_dict[key] = _like(weight, state_dict[key])
         if bias is not None:
             state_dict[f"{prefix}{name}.bias"] = _like(bias, state_dict[f"{prefix}{name}.bias"])
@@ -98,7 +102,9 @@ def _fold_on_save(module: nn.Module, state_dict, prefix: str, local_metadata) ->
 def _identity_for_missing(
     module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
 ) -> None:
-    """Fill the APEX parameters a base state dict lacks (set to identity after the load)."""
+    """Fill the APEX parameters a base state dict lacks (set to identity after the load),
+    and put the FFN channels back in the base layout, the state dict's."""
+    restore_base_layout_(module)
     missing: List[str] = []
     device = next(
         ((v.to_local() if isinstance(v, DTensor) else v).device for v in state_dict.values()), torch.device("cpu")

@@ -11,6 +11,10 @@ Per micro-batch and layer:
   its own copy first (stateless: the model computes the same; the
   copies stay after :meth:`~ActivationRanker.detach`).
 
+With ``apex.contiguous_channels`` the activation's channels are in the FFN's physical
+order (see :mod:`apex_tune.modules.layout`); their norms are put back in base channel
+order before they are counted, so scores and selections are in base unit ids.
+
 Each micro-batch adds +1 to the K highest units and -1 to the K lowest. Tokens
 are counted where ``mask`` is true (pass the positions the loss trains on, so
 padding and ignored positions are excluded).
@@ -172,6 +176,8 @@ class ActivationRanker:
         if self._recorded.get(key) == self._microbatch:
             return  # recomputation under activation checkpointing
         self._recorded[key] = self._microbatch
+        if kind == CHANNELS:
+            norms = self._in_base_order(pos, norms)
         k = self.settings.expanded_units(norms.numel(), kind)
         norms = norms.double()
         # Stay on the activations' device: no host sync on the training hot path.
@@ -185,6 +191,14 @@ class ActivationRanker:
         self.relative[kind][pos] += step
         self.activation[kind][pos] += norms
         self._unrecorded -= 1
+
+    def _in_base_order(self, pos: int, norms: torch.Tensor) -> torch.Tensor:
+        """Per-channel values in the FFN's physical order, in base channel order (one
+        gather on their device; no host sync)."""
+        expansion = self.layers[pos].expansion(CHANNELS)
+        if expansion is None or not expansion.contiguous:
+            return norms
+        return norms.index_select(0, expansion.slots.to(norms.device))
 
     def _head_hook(self, pos: int, layer: ApexLayer):
         def hook(module, args):

@@ -129,7 +129,10 @@ def read_selection_file(path: Path, settings: ApexSettings) -> List[LayerSelecti
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"selection_file: {path} is not an apex-tune selection file ({e})") from e
     # Everything but what leaves the unit counts alone must match.
-    current = {k: v for k, v in settings.to_dict().items() if k not in ("train_embeddings", "quantize_base")}
+    current = {
+        k: v for k, v in settings.to_dict().items()
+        if k not in ("train_embeddings", "quantize_base", "contiguous_channels")
+    }
     different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if different:
         raise ValueError(

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -21,6 +22,7 @@ from apex_tune.training.testing import fault_point
 from apex_tune.training.inputs import InputError, safetensors_header
 from apex_tune.training.distributed import build_rope_caches_, check_same_resume_point
 from apex_tune.training.run_options import ConfigError
+from apex_tune.modules.layout import channel_layout_state, load_channel_layout_
 from apex_tune.modules.model import (
     apply_apex,
     unwrap_apex,
@@ -141,8 +143,9 @@ def decode(obj: Any, tensors: Dict[str, torch.Tensor], where: str,
 # ----------------------------------------------------------- model, optimizer
 def local_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """This rank's part of the wrapped model: the local shard of every tensor, except
-    NF4 base weights (a QAPEX base never changes: resume quantizes the base again)."""
-    out = {}
+    NF4 base weights (a QAPEX base never changes: resume quantizes the base again),
+    and the FFN channel layout the weights are in."""
+    out = channel_layout_state(model)
     for name, value in model.state_dict().items():
         local = value.to_local() if isinstance(value, DTensor) else value
         if not is_nf4(local):
@@ -152,7 +155,13 @@ def local_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_local_model_state(model: nn.Module, tensors: Dict[str, torch.Tensor], where: str) -> None:
-    """Copy this rank's saved shards into the (already sharded) model, in place."""
+    """Copy this rank's saved shards into the (already sharded) model, in place, in
+    the FFN channel layout they were saved in (see :mod:`apex_tune.modules.layout`;
+    setting the saved selection afterwards then moves nothing)."""
+    try:
+        load_channel_layout_(model, tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}; the state belongs to another model or is damaged") from e
     expected = set()
     for name, value in model.state_dict().items():
         local = value.to_local() if isinstance(value, DTensor) else value
@@ -503,6 +512,8 @@ def unwrapped_state_dict(
 ) -> Tuple[Dict[str, torch.Tensor], Optional[float]]:
     """The plain model's state dict that a wrapped state dict fuses to, on CPU.
 
+    ``wrapped_state_dict`` is in the base channel layout (a live model's, taken in its
+    layout, through :func:`~apex_tune.modules.layout.base_layout_state_dict`).
     Rebuilds the wrapped model on the meta device (``build_model`` gives the base
     architecture in the run's dtype) around copies of the given tensors and fuses
     it with :func:`unwrap_apex`, leaving the live (possibly sharded) training model
@@ -511,6 +522,7 @@ def unwrapped_state_dict(
     """
     with torch.device("meta"):
         model = build_model()
+    settings = replace(settings, contiguous_channels=False)  # folded where the tensors are: no permutation
     apply_apex(model, settings)
     set_apex_trainable(model, settings)  # fp32 trained embeddings, used in the model's dtype
     if settings.quantize_base:  # the frozen stages the state holds; weights load dequantized
@@ -545,8 +557,9 @@ def plain_checkpoint_state(
     tolerance: float,
     label: str,
 ) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
-    """The plain model to save from a gathered wrapped state dict, in the run's dtype,
-    and why it must not be saved (None when it may).
+    """The plain model to save from a gathered wrapped state dict (in the base channel
+    layout, see :func:`unwrapped_state_dict`), in the run's dtype, and why it must not
+    be saved (None when it may).
 
     ``fold``: fold a CPU copy (:func:`unwrapped_state_dict`), which must reproduce the
     wrapped model on the probe batch within ``tolerance``; otherwise the live model

@@ -13,6 +13,7 @@ from torchtune import training
 
 from apex_tune import LayerSelection, apply_apex, set_selection
 from apex_tune.training.checkpointing import load_rank_state, read_state_manifest
+from apex_tune.modules.layout import load_channel_layout_
 from apex_tune.modules.model import materialize_apex_buffers_
 from apex_tune.modules.config import ApexSettings
 from apex_tune.dev.tiny import tiny_llama3
@@ -64,6 +65,7 @@ def test_reloaded_checkpoint_matches_wrapped_model(assets, tmp_path):
     model_sd = {k[len("model."):]: v for k, v in state["tensors"].items() if k.startswith("model.")}
     wrapped.load_state_dict(model_sd, strict=True, assign=True)
     materialize_apex_buffers_(wrapped, torch.device("cpu"))
+    load_channel_layout_(wrapped, state["tensors"])  # the FFN weights were saved in the live layout
     for m in wrapped.modules():
         if hasattr(m, "rope_init"):
             m.rope_init()
