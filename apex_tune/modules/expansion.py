@@ -247,7 +247,8 @@ class _ApexLinear(nn.Module, AdapterModule):
                 f"{len(self.positions) // (self.group * self.width)}"
             )
         self.positions.copy_(positions)
-        self._tuned_prefix = _is_prefix(unit_positions(units.cpu(), self.group, self.width))
+        # On the meta device nothing runs: the positions are set again once materialized.
+        self._tuned_prefix = not units.is_meta and _is_prefix(unit_positions(units.cpu(), self.group, self.width))
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         if self.delta is not None:
@@ -270,9 +271,12 @@ class _ApexLinear(nn.Module, AdapterModule):
         )
 
     def _prefix_path(self) -> bool:
-        """Whether the tuned units are the first ones of the weight, in [N, P, E] order (the
-        contiguous layout), so the wrapper runs matmuls over slices (``_Prefix*Linear``)."""
-        return self._tuned_prefix and self._dense_live_stage_only()
+        """Whether the wrapper runs matmuls over slices (``_Prefix*Linear``): its units are
+        laid out contiguously (:mod:`apex_tune.modules.layout`) and the tuned ones are the
+        first of the weight, in [N, P, E] order. The layout flag is fixed for the run and
+        read first, so ``compile: True`` guards on it alone for the other wrappers: a new
+        selection of heads that happens to be 0, 1, 2, ... changes no path (no recompile)."""
+        return getattr(self.expansion, "contiguous", False) and self._tuned_prefix and self._dense_live_stage_only()
 
     def _partial_backprop(self) -> bool:
         """Whether the live delta runs in the frozen weight (:class:`_SliceSwappedLinear`)
@@ -778,9 +782,7 @@ class ApexColumnLinear(_ApexLinear):
     def _prefix_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The tuned outputs are the first ones: they (with the delta) come out of their own
         matmul and are mixed, then the frozen rows' matmul writes after them."""
-        stage = self.live_stage()
-        if stage.ops is None:
-            return _prefix_rows_linear(x, self.weight, self.bias, stage.delta, None, 0, self.out_features)
+        stage = self.live_stage()  # with operators: only FFN channels are laid out
         tuned_width = len(stage.positions)
         tuned = _prefix_rows_linear(x, self.weight, self.bias, stage.delta, None, 0, tuned_width)
         mixed = mix(tuned, stage.ops, stage.b)
