@@ -8,12 +8,14 @@ times a training step of ``apex_ops`` with parts of the wrappers switched off in
 each against a floor step in the same round (CPU time, one thread; a ratio is the median
 of the per-round ratios). Differences between consecutive variants attribute the
 overhead to the ranking hooks, ``mix``/``mix_transposed`` (Monarch, scales and their
-joins), the write-back of the tuned entries (``_replaced``) and the rest of the wrapper
-(gathering the tuned entries, the stage loop). A switched-off part is replaced by one
-elementwise pass that keeps the autograd graph, so each share is a slight underestimate.
-Timing only: the variants compute something else. It patches the wrappers' internals
-(``mix``, ``mix_transposed``, ``_replaced``, ``_replaced_in_place``, ``_apply_stage`` of both wrapper classes)
-as they are named in ``apex_tune/modules/expansion.py``.
+joins), the write-back of the tuned entries (``_replaced``: scattered units only, i.e. the
+heads, or everything with ``contiguous_channels`` off) and the rest of the wrapper (the
+gathers or slice matmuls, the stage loop; the last variant runs each wrapper as a plain
+frozen linear). A switched-off part is replaced by one elementwise pass that keeps the
+autograd graph, so each share is a slight underestimate. Timing only: the variants compute
+something else. It patches the wrappers' internals (``mix``, ``mix_transposed``,
+``_replaced``, ``_replaced_in_place``, ``forward`` of both wrapper classes) as they are
+named in ``apex_tune/modules/expansion.py``.
 """
 
 import argparse
@@ -57,14 +59,14 @@ class Switches:
         self.originals = dict(
             mix=expansion.mix, mix_transposed=expansion.mix_transposed, replaced=expansion._replaced,
             replaced_in_place=expansion._replaced_in_place,
-            column=expansion.ApexColumnLinear.__dict__["_apply_stage"], row=expansion.ApexRowLinear._apply_stage,
+            column=expansion.ApexColumnLinear.__dict__["forward"], row=expansion.ApexRowLinear.__dict__["forward"],
         )
 
     def set(self, variant: str) -> None:
         o = self.originals
         expansion.mix, expansion.mix_transposed, expansion._replaced = o["mix"], o["mix_transposed"], o["replaced"]
         expansion._replaced_in_place = o["replaced_in_place"]
-        expansion.ApexColumnLinear._apply_stage, expansion.ApexRowLinear._apply_stage = o["column"], o["row"]
+        expansion.ApexColumnLinear.forward, expansion.ApexRowLinear.forward = o["column"], o["row"]
         if not self.ranker.attached:
             self.ranker.attach()
         if variant == "apex_ops as is":
@@ -77,8 +79,8 @@ class Switches:
             expansion._replaced = lambda t, positions, values: t + values.sum() * 0
             expansion._replaced_in_place = expansion._replaced
         if variant == "no hooks, wrappers = frozen linear":
-            expansion.ApexColumnLinear._apply_stage = staticmethod(lambda x, y, stage: y)
-            expansion.ApexRowLinear._apply_stage = lambda self, x, stage: (x, None)
+            frozen = lambda self, x: torch.nn.functional.linear(x, self.weight, self.bias)
+            expansion.ApexColumnLinear.forward = expansion.ApexRowLinear.forward = frozen
 
 
 def main() -> None:
