@@ -9,6 +9,7 @@ Tiny geometry (embed 64, 8 query heads, head_dim 8, 96 FFN channels, 2 layers):
 - ``qwen2_bias``: Qwen2 (q/k/v biases), 4 KV heads -> 4 head units of 2 heads.
 """
 
+import itertools
 from typing import Callable, List
 
 import pytest
@@ -20,6 +21,7 @@ from torchtune.models.qwen2 import qwen2
 
 from apex_tune import ApexSettings, LayerSelection, UnitSelection, apply_apex, find_apex_layers, set_selection
 from apex_tune.dev.tiny import make_tiny_assets
+from apex_tune.modules.expansion import mix, mix_transposed
 
 VOCAB = 97
 SEQ = 16
@@ -154,3 +156,95 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_assets")
     make_tiny_assets(root, num_train=400, num_val=50, seed=0)
     return root
+
+
+def wrapper_reference(wrapper, exp, x: torch.Tensor) -> torch.Tensor:
+    """An APEX wrapper's function in float64 from its definition: W~ = W with the tuned
+    slice W_T + Delta (when the delta is on); column: the tuned outputs of x W~^T + bias
+    mixed (when it mixes); row: W~ (R x) + bias."""
+    dim, pos = wrapper.dim, wrapper.positions
+    weight = wrapper.weight.detach().double()
+    if wrapper.delta is not None:
+        weight = weight.index_add(dim, pos, wrapper.delta.double())
+    bias = wrapper.bias.detach().double() if wrapper.bias is not None else None
+    ops = exp.operators()._replace(a=exp.a.double(), L1=exp.monarch.L1.double(), L2=exp.monarch.L2.double())
+    x = x.double()
+    if dim == 0:
+        y = nn.functional.linear(x, weight, bias)
+        if wrapper.expansion is None:
+            return y
+        tuned = mix(y.index_select(-1, pos), ops, wrapper.b.double())
+        return y.index_copy(-1, pos, tuned)
+    tuned = mix_transposed(x.index_select(-1, pos), ops, wrapper.group)
+    return nn.functional.linear(x.index_copy(-1, pos, tuned), weight, bias)
+
+
+def wrapper_grads(wrapper, exp, forward, x: torch.Tensor, g: torch.Tensor) -> dict:
+    """Output and gradients (x and every APEX parameter the wrapper has) of ``forward``
+    (the wrapper, or a reference of it) on ``x`` against the output gradient ``g``."""
+    x = x.detach().clone().requires_grad_()
+    params = {"L1": exp.monarch.L1, "L2": exp.monarch.L2, "a": exp.a}
+    for name in ("delta", "b"):
+        if getattr(wrapper, name, None) is not None:
+            params[name] = getattr(wrapper, name)
+    for p in params.values():
+        p.grad = None
+    y = forward(x)
+    (y * g.to(y.dtype)).sum().backward()
+    out = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+    out["x"], out["y"] = x.grad, y.detach()
+    return out
+
+
+def grads_and_reference(wrapper, exp, tokens: tuple) -> tuple:
+    """``(got, want, d)``: the wrapper's outputs and gradients on random inputs, those of
+    its float64 formula (:func:`wrapper_reference`), and the longest dot product involved,
+    max(in, out, tokens), which fp32 rounding bounds scale with."""
+    x = torch.randn(*tokens, wrapper.in_features)
+    g = torch.randn(*tokens, wrapper.out_features)
+    got = wrapper_grads(wrapper, exp, wrapper, x, g)
+    want = wrapper_grads(wrapper, exp, lambda t: wrapper_reference(wrapper, exp, t), x, g)
+    return got, want, max(wrapper.in_features, wrapper.out_features, x.numel() // x.shape[-1])
+
+
+def assert_grads_within(got: dict, want: dict, relative: float) -> None:
+    """Every output/gradient in ``got`` within ``relative`` of the largest magnitude of its
+    counterpart in ``want``."""
+    for name, value in want.items():
+        error = (got[name].double() - value.double()).abs().max().item()
+        bound = relative * value.abs().max().item()
+        assert error <= bound, f"{name}: {error:.3g} > {bound:.3g}"
+
+
+def assert_checkpointing_recomputes_exactly(wrapper, exp, tokens: tuple) -> None:
+    """Under (non-reentrant) activation checkpointing the wrapper's forward runs again in
+    backward: the same fp32 operations in the same order, so bit-identical gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(*tokens, wrapper.in_features)
+    g = torch.randn(*tokens, wrapper.out_features)
+    plain = wrapper_grads(wrapper, exp, wrapper, x, g)
+    checkpointed = wrapper_grads(wrapper, exp, lambda t: checkpoint(wrapper, t, use_reentrant=False), x, g)
+    for name, value in plain.items():
+        assert torch.equal(checkpointed[name], value), name
+
+
+_BACKEND_IDS = itertools.count()
+
+
+@pytest.fixture
+def dynamo_graphs(monkeypatch) -> list:
+    """The graphs dynamo compiles from here on (``compile: True``), counted by a backend
+    that runs them as dynamo hands them over (inductor's code generation is not what the
+    tests check and costs minutes on CPU): a recompile is a new graph."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    name = f"apex_test_count_graphs_{next(_BACKEND_IDS)}"
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(compiler_fn=counting_backend, name=name)
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", name)
+    return graphs

@@ -299,22 +299,13 @@ def test_fused_copy_needs_the_base_layout(tokens):
         assert (error <= 1e-5) if matches else (error > 1e-2), error
 
 
-def test_moving_channels_does_not_recompile(vocab_size, monkeypatch):
+def test_moving_channels_does_not_recompile(vocab_size, dynamo_graphs):
     """``compile: True``: a new selection moves the FFN weights (new storage, same shapes)
     between steps, as a stage boundary does; the compiled layers must not compile again.
-    Graphs are counted as in tests/modules/test_ranking.py (a backend that runs them as
-    dynamo hands them over)."""
+    Graphs are counted by the ``dynamo_graphs`` fixture."""
     from torchtune import training
 
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch._dynamo.register_backend(compiler_fn=counting_backend, name="apex_test_count_layout_graphs")
-    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "apex_test_count_layout_graphs")
+    graphs = dynamo_graphs
     base, model, _ = _twins("llama3_gqa4")
     model.train()
     ranker = ActivationRanker(model, ON).attach()

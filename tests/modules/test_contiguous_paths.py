@@ -7,11 +7,11 @@ activation checkpointing, and in bf16 against the rounded sum."""
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from apex_tune import ApexColumnLinear, ApexExpansion, ApexRowLinear
 from apex_tune.modules import expansion as expansion_module
-from apex_tune.modules.expansion import _rounded_sum_into, mix, mix_transposed
+from apex_tune.modules.expansion import _rounded_sum_into
+from conftest import assert_checkpointing_recomputes_exactly, assert_grads_within, grads_and_reference, wrapper_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,7 +21,7 @@ WIDTH, UNITS, K, D_IN, D_OUT, TOKENS = 4, 6, 2, 10, 7, (3, 5)
 SCATTERED = [4, 1, 0, 5, 3]  # N, P, E in the base layout
 
 
-def _wrapper(kind: str, ops: bool, delta: bool, bias: bool, extra: int, seed: int = 0):
+def _wrapper(kind: str, delta: bool, bias: bool, extra: int, seed: int = 0):
     """A wrapper over the first 2K + extra units (random operators and delta) and the same
     one over a weight whose units sit at SCATTERED instead (the base layout)."""
     torch.manual_seed(seed)
@@ -34,10 +34,9 @@ def _wrapper(kind: str, ops: bool, delta: bool, bias: bool, extra: int, seed: in
         exp.a.uniform_(0.5, 1.5)
     if kind == "column":
         base = nn.Linear(D_IN, UNITS * WIDTH, bias=bias)
-        wrapper = ApexColumnLinear(base, tuned, WIDTH, exp if ops else None, delta=delta)
-        if ops:
-            with torch.no_grad():
-                wrapper.b.uniform_(0.5, 1.5)
+        wrapper = ApexColumnLinear(base, tuned, WIDTH, exp, delta=delta)
+        with torch.no_grad():
+            wrapper.b.uniform_(0.5, 1.5)
     else:
         base = nn.Linear(UNITS * WIDTH, D_OUT, bias=bias)
         wrapper = ApexRowLinear(base, tuned, 1, WIDTH, exp, delta=delta)
@@ -57,7 +56,7 @@ def _wrapper(kind: str, ops: bool, delta: bool, bias: bool, extra: int, seed: in
         if bias:
             scattered_base.bias.copy_(wrapper.bias.index_select(0, inverse) if dim == 0 else wrapper.bias)
     cls = ApexColumnLinear if kind == "column" else ApexRowLinear
-    args = (WIDTH, exp if ops else None) if kind == "column" else (1, WIDTH, exp)
+    args = (WIDTH, exp) if kind == "column" else (1, WIDTH, exp)
     scattered = cls(scattered_base, tuned, *args, delta=delta)
     scattered.set_units(torch.tensor(SCATTERED[:tuned]))
     for name in ("delta", "b"):
@@ -66,105 +65,56 @@ def _wrapper(kind: str, ops: bool, delta: bool, bias: bool, extra: int, seed: in
     return wrapper, scattered, exp, (rows, inverse)
 
 
-def _reference(wrapper, exp, x: torch.Tensor) -> torch.Tensor:
-    """The wrapper's function in float64 from its definition (W~ = W + Delta on the tuned slice)."""
-    dim, pos = wrapper.dim, wrapper.positions
-    weight = wrapper.weight.detach().double()
-    if wrapper.delta is not None:
-        weight = weight.index_add(dim, pos, wrapper.delta.double())
-    bias = wrapper.bias.detach().double() if wrapper.bias is not None else None
-    ops = exp.operators()._replace(a=exp.a.double(), L1=exp.monarch.L1.double(), L2=exp.monarch.L2.double())
-    x = x.double()
-    if dim == 0:
-        y = nn.functional.linear(x, weight, bias)
-        if wrapper.expansion is None:
-            return y
-        tuned = mix(y.index_select(-1, pos), ops, wrapper.b.double())
-        return y.index_copy(-1, pos, tuned)
-    tuned = mix_transposed(x.index_select(-1, pos), ops, wrapper.group)
-    return nn.functional.linear(x.index_copy(-1, pos, tuned), weight, bias)
-
-
-def _grads(wrapper, exp, forward, x: torch.Tensor, g: torch.Tensor) -> dict:
-    x = x.detach().clone().requires_grad_()
-    params = {"L1": exp.monarch.L1, "L2": exp.monarch.L2, "a": exp.a}
-    for name in ("delta", "b"):
-        if getattr(wrapper, name, None) is not None:
-            params[name] = getattr(wrapper, name)
-    for p in params.values():
-        p.grad = None
-    y = forward(x)
-    (y * g.to(y.dtype)).sum().backward()
-    out = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
-    out["x"], out["y"] = x.grad, y.detach()
-    return out
-
-
 CASES = [
-    pytest.param(kind, ops, delta, bias, extra, id=f"{kind}-{'ops' if ops else 'noops'}-{'delta' if delta else 'nodelta'}-E{extra}-{'bias' if bias else 'nobias'}")
+    pytest.param(kind, delta, bias, extra, id=f"{kind}-{'delta' if delta else 'nodelta'}-E{extra}-{'bias' if bias else 'nobias'}")
     for kind in ("column", "row")
-    for ops in (True,)  # the laid-out units are FFN channels, which always mix
     for delta in (True, False)
     for extra in ((0, 1) if delta else (0,))
     for bias in (False, True)
 ]
 
 
-@pytest.mark.parametrize("kind,ops,delta,bias,extra", CASES)
-def test_prefix_path_equals_the_formula(kind, ops, delta, bias, extra):
+@pytest.mark.parametrize("kind,delta,bias,extra", CASES)
+def test_prefix_path_equals_the_formula(kind, delta, bias, extra):
     """y, dx and every trained gradient equal the float64 autograd of the formula. Tolerance:
     each value is a chain of fp32 dot products (at most d = max(in, out, tokens) terms, the
     Monarch at most n) and a few elementwise products, each rounding at most d * eps of the
     sum of its terms' magnitudes; 4 * d * eps of the largest magnitude is that with a margin
     of 4 for the chain (about 1.9e-5 here), as for the scattered path."""
-    wrapper, _, exp, _ = _wrapper(kind, ops, delta, bias, extra)
+    wrapper, _, exp, _ = _wrapper(kind, delta, bias, extra)
     assert wrapper._prefix_path()
-    x = torch.randn(*TOKENS, wrapper.in_features)
-    g = torch.randn(*TOKENS, wrapper.out_features)
-    got = _grads(wrapper, exp, wrapper, x, g)
-    want = _grads(wrapper, exp, lambda t: _reference(wrapper, exp, t), x, g)
-    d = max(wrapper.in_features, wrapper.out_features, TOKENS[0] * TOKENS[1])
+    got, want, d = grads_and_reference(wrapper, exp, TOKENS)
     assert set(got) == set(want)
-    for name, value in want.items():
-        error = (got[name].double() - value).abs().max().item()
-        bound = 4 * d * EPS32 * value.abs().max().item()
-        assert error <= bound, f"{name}: {error:.3g} > {bound:.3g}"
-        assert got[name].dtype == torch.float32, name
+    assert_grads_within(got, want, 4 * d * EPS32)
+    assert all(value.dtype == torch.float32 for value in got.values())
 
 
-@pytest.mark.parametrize("kind,ops,delta,bias,extra", CASES)
-def test_prefix_path_equals_the_scattered_path(kind, ops, delta, bias, extra):
+@pytest.mark.parametrize("kind,delta,bias,extra", CASES)
+def test_prefix_path_equals_the_scattered_path(kind, delta, bias, extra):
     """The same selection with its units scattered over the weight (the base layout, the
     index path) computes the same outputs and gradients, up to the outputs' permutation;
     twice the bound above (both are fp32 roundings of the formula)."""
-    wrapper, scattered, exp, (rows, inverse) = _wrapper(kind, ops, delta, bias, extra)
+    wrapper, scattered, exp, (rows, inverse) = _wrapper(kind, delta, bias, extra)
     assert not scattered._prefix_path()
     x = torch.randn(*TOKENS, wrapper.in_features)
     g = torch.randn(*TOKENS, wrapper.out_features)
-    got = _grads(wrapper, exp, wrapper, x, g)
+    got = wrapper_grads(wrapper, exp, wrapper, x, g)
     # prefix position p is position rows[p] of the scattered layout (and q is inverse[q])
     if kind == "column":
-        want = _grads(scattered, exp, lambda t: scattered(t).index_select(-1, rows), x, g)
+        want = wrapper_grads(scattered, exp, lambda t: scattered(t).index_select(-1, rows), x, g)
     else:
-        want = _grads(scattered, exp, lambda t: scattered(t.index_select(-1, inverse)), x, g)
+        want = wrapper_grads(scattered, exp, lambda t: scattered(t.index_select(-1, inverse)), x, g)
     d = max(wrapper.in_features, wrapper.out_features, TOKENS[0] * TOKENS[1])
-    for name, value in want.items():
-        error = (got[name] - value).abs().max().item()
-        assert error <= 2 * 4 * d * EPS32 * value.abs().max().item(), name
+    assert_grads_within(got, want, 2 * 4 * d * EPS32)
 
 
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_prefix_path_under_activation_checkpointing(kind):
     """Recomputed in backward, the same fp32 operations in the same order: bit-identical
     gradients; the frozen weight is never written (bits and version counter)."""
-    wrapper, _, exp, _ = _wrapper(kind, True, True, True, 1)
+    wrapper, _, exp, _ = _wrapper(kind, True, True, 1)
     before, version = wrapper.weight.detach().clone(), wrapper.weight._version
-    x = torch.randn(*TOKENS, wrapper.in_features)
-    g = torch.randn(*TOKENS, wrapper.out_features)
-    plain = _grads(wrapper, exp, wrapper, x, g)
-    checkpointed = _grads(wrapper, exp, lambda t: checkpoint(wrapper, t, use_reentrant=False), x, g)
-    for name, value in plain.items():
-        assert torch.equal(checkpointed[name], value), name
+    assert_checkpointing_recomputes_exactly(wrapper, exp, TOKENS)
     assert torch.equal(wrapper.weight, before) and wrapper.weight._version == version
 
 
@@ -183,7 +133,7 @@ def test_rounded_sum_in_blocks_is_the_one_rounding(monkeypatch):
 def test_bf16_prefix_path_uses_the_rounded_sum(kind):
     """bf16 base: the forward uses round_bf16(W_T + Delta), so a delta below half a bf16 ulp
     of W is not seen by the output, one of two ulps is; Delta's gradient stays fp32."""
-    wrapper, _, exp, _ = _wrapper(kind, True, True, False, 1)
+    wrapper, _, exp, _ = _wrapper(kind, True, False, 1)
     wrapper.to(torch.bfloat16)  # the base; APEX's own parameters go back to fp32 below
     for p in [wrapper.delta, *exp.parameters()] + ([wrapper.b] if kind == "column" else []):
         p.data = p.data.float()

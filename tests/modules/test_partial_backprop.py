@@ -7,11 +7,10 @@ and the column wrappers' in-place write-back of their tuned outputs against a co
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from apex_tune import ApexColumnLinear, ApexExpansion, ApexRowLinear
 from apex_tune.modules import expansion as expansion_module
-from apex_tune.modules.expansion import mix, mix_transposed
+from conftest import assert_checkpointing_recomputes_exactly, assert_grads_within, grads_and_reference, wrapper_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,36 +43,6 @@ def _wrapper(kind: str, ops: bool, bias: bool, group: int = 1, seed: int = 0):
     return wrapper, exp
 
 
-def _reference(wrapper, exp, x: torch.Tensor) -> torch.Tensor:
-    """The wrapper's function in float64 from its definition: W~ = W with the tuned slice
-    W_T + Delta; column: mix the tuned outputs of x W~^T + bias; row: W~ (R x) + bias."""
-    dim, pos = wrapper.dim, wrapper.positions
-    weight = wrapper.weight.detach().double().index_add(dim, pos, wrapper.delta.double())
-    bias = wrapper.bias.detach().double() if wrapper.bias is not None else None
-    ops = exp.operators()._replace(a=exp.a.double(), L1=exp.monarch.L1.double(), L2=exp.monarch.L2.double())
-    x = x.double()
-    if dim == 0:
-        y = nn.functional.linear(x, weight, bias)
-        tuned = mix(y.index_select(-1, pos), ops, wrapper.b.double())
-        return y.index_copy(-1, pos, tuned)
-    tuned = mix_transposed(x.index_select(-1, pos), ops, wrapper.group)
-    return nn.functional.linear(x.index_copy(-1, pos, tuned), weight, bias)
-
-
-def _grads(wrapper, exp, forward, x: torch.Tensor, g: torch.Tensor) -> dict:
-    x = x.detach().clone().requires_grad_()
-    params = {"delta": wrapper.delta, "L1": exp.monarch.L1, "L2": exp.monarch.L2, "a": exp.a}
-    if getattr(wrapper, "b", None) is not None:
-        params["b"] = wrapper.b
-    for p in params.values():
-        p.grad = None
-    y = forward(x)
-    (y * g.to(y.dtype)).sum().backward()
-    out = {name: p.grad.clone() for name, p in params.items()}
-    out["x"], out["y"] = x.grad, y.detach()
-    return out
-
-
 CASES = [
     pytest.param("column", ops, bias, 1, id=f"column-{'ops' if ops else 'identity'}-{'bias' if bias else 'nobias'}")
     for ops in (False, True) for bias in (False, True)
@@ -93,11 +62,7 @@ def test_gradients_equal_the_formula(kind, ops, bias, group):
     margin of 4 for the chain (about 1.9e-5 here)."""
     wrapper, exp = _wrapper(kind, ops, bias, group)
     assert wrapper._partial_backprop()
-    x = torch.randn(*TOKENS, wrapper.in_features)
-    g = torch.randn(*TOKENS, wrapper.out_features)
-    got = _grads(wrapper, exp, wrapper, x, g)
-    want = _grads(wrapper, exp, lambda t: _reference(wrapper, exp, t), x, g)
-    d = max(wrapper.in_features, wrapper.out_features, TOKENS[0] * TOKENS[1])
+    got, want, d = grads_and_reference(wrapper, exp, TOKENS)
     for name, value in want.items():
         scale = value.abs().max().item()
         assert scale > 0 or name == "L1", name  # L1 gets no gradient while L2 = 0 (M = 0)
@@ -113,13 +78,11 @@ def test_swapped_slice_equals_the_two_matmul_path(kind, ops, bias, group, monkey
     wrapper, exp = _wrapper(kind, ops, bias, group)
     x = torch.randn(*TOKENS, wrapper.in_features)
     g = torch.randn(*TOKENS, wrapper.out_features)
-    got = _grads(wrapper, exp, wrapper, x, g)
+    got = wrapper_grads(wrapper, exp, wrapper, x, g)
     monkeypatch.setattr(type(wrapper), "_partial_backprop", lambda self: False)
-    want = _grads(wrapper, exp, wrapper, x, g)
+    want = wrapper_grads(wrapper, exp, wrapper, x, g)
     d = max(wrapper.in_features, wrapper.out_features, TOKENS[0] * TOKENS[1])
-    for name, value in want.items():
-        error = (got[name] - value).abs().max().item()
-        assert error <= 2 * 4 * d * EPS32 * value.abs().max().item(), name
+    assert_grads_within(got, want, 2 * 4 * d * EPS32)
 
 
 @pytest.mark.parametrize("kind", ["column", "row"])
@@ -148,12 +111,7 @@ def test_activation_checkpointing_recomputes_the_same_gradients(kind):
     (the same fp32 operations in the same order) and the weight is restored."""
     wrapper, exp = _wrapper(kind, True, True)
     before = wrapper.weight.detach().clone()
-    x = torch.randn(*TOKENS, wrapper.in_features)
-    g = torch.randn(*TOKENS, wrapper.out_features)
-    plain = _grads(wrapper, exp, wrapper, x, g)
-    checkpointed = _grads(wrapper, exp, lambda t: checkpoint(wrapper, t, use_reentrant=False), x, g)
-    for name, value in plain.items():
-        assert torch.equal(checkpointed[name], value), name
+    assert_checkpointing_recomputes_exactly(wrapper, exp, TOKENS)
     assert torch.equal(wrapper.weight, before)
 
 
@@ -167,21 +125,11 @@ def test_in_place_write_back_equals_the_copy(delta, monkeypatch):
         wrapper.delta = None
     x = torch.randn(*TOKENS, wrapper.in_features)
     g = torch.randn(*TOKENS, wrapper.out_features)
-    in_place = _grads(wrapper, exp, wrapper, x, g) if delta else _grads_without_delta(wrapper, exp, x, g)
+    in_place = wrapper_grads(wrapper, exp, wrapper, x, g)
     monkeypatch.setattr(expansion_module, "_replaced_in_place", expansion_module._replaced)
-    copied = _grads(wrapper, exp, wrapper, x, g) if delta else _grads_without_delta(wrapper, exp, x, g)
+    copied = wrapper_grads(wrapper, exp, wrapper, x, g)
     for name, value in copied.items():
         assert torch.equal(in_place[name], value), name
-
-
-def _grads_without_delta(wrapper, exp, x, g) -> dict:
-    x = x.detach().clone().requires_grad_()
-    params = {"L1": exp.monarch.L1, "L2": exp.monarch.L2, "a": exp.a, "b": wrapper.b}
-    for p in params.values():
-        p.grad = None
-    y = wrapper(x)
-    (y * g).sum().backward()
-    return {**{n: p.grad.clone() for n, p in params.items()}, "x": x.grad, "y": y.detach()}
 
 
 def test_bf16_forward_uses_the_rounded_sum_and_keeps_delta_exact():

@@ -367,7 +367,7 @@ def test_select_without_microbatches_and_reset(make_tiny, vocab_size):
     assert all(t.abs().sum() == 0 for t in ranker.relative["channels"] + ranker.activation["heads"])
 
 
-def test_compiled_layers_with_hooks_do_not_recompile(make_tiny, vocab_size, monkeypatch):
+def test_compiled_layers_with_hooks_do_not_recompile(make_tiny, vocab_size, dynamo_graphs):
     """``compile: True`` with the ranker attached: the layers compile once, not per
     micro-batch, and the scores are those of the eager model.
 
@@ -377,15 +377,7 @@ def test_compiled_layers_with_hooks_do_not_recompile(make_tiny, vocab_size, monk
     new graph, so the count must not grow after the first training step."""
     from torchtune import training
 
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch._dynamo.register_backend(compiler_fn=counting_backend, name="apex_test_count_graphs")
-    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "apex_test_count_graphs")
+    graphs = dynamo_graphs
     compiled = apply_apex(make_tiny("llama3_gqa4"), SETTINGS)
     compiled.train()
     eager = copy.deepcopy(compiled)
