@@ -520,6 +520,10 @@ def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, width: in
     return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, width, x_tuned)
 
 
+# Elements per block of the blocked conversions below: a 256 KB fp32 block stays in cache.
+_ROUNDED_SUM_BLOCK = 1 << 16
+
+
 def _rounded_sum_into(out: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``out`` = W + Delta computed in Delta's dtype (fp32) and rounded once to ``out``'s dtype,
     for 2-d ``weight``/``delta`` of one shape (``weight`` may be a strided slice). Below fp32 it
@@ -532,9 +536,6 @@ def _rounded_sum_into(out: torch.Tensor, weight: torch.Tensor, delta: torch.Tens
         stop = start + rows
         out[start:stop] = weight[start:stop].to(delta.dtype).add_(delta[start:stop])
     return out
-
-
-_ROUNDED_SUM_BLOCK = 1 << 16
 
 
 def _converted(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -556,7 +557,7 @@ class _PrefixRowsLinear(torch.autograd.Function):
     ``y = [head, x W_eff[start:stop]^T (+ bias[start:stop])]``, W_eff's rows
     ``[start, start + len(delta))`` holding W + Delta (Delta None: the frozen rows only).
 
-    Two or three matmuls over row slices of the frozen weight, written into one output: no
+    One matmul per slice (the tuned rows, the frozen rows), written into one output: no
     gather, no write-back, no weight swap. The rounded tuned slice is formed once per forward
     and (below fp32) kept for backward; only Delta's gradient is computed (partial
     back-propagation), dDelta = dy_T^T x. ``head``'s gradient is its part of dy, a view."""
