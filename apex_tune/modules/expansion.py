@@ -465,7 +465,7 @@ class _SliceSwappedLinear(torch.autograd.Function):
                 d_delta = tokens_dy.index_select(1, positions).T.matmul(tokens_x)
             else:  # dy^T x_T: (out, tuned inputs)
                 d_delta = tokens_dy.T.matmul(tokens_x)
-            d_delta = _converted(d_delta, delta.dtype)
+            d_delta = d_delta.to(delta.dtype)
         return dx, None, None, d_delta, None, None, None, None
 
 
@@ -520,7 +520,7 @@ def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, width: in
     return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, width, x_tuned)
 
 
-# Elements per block of the blocked conversions below: a 256 KB fp32 block stays in cache.
+# Elements per block of the blocked rounded sum below: a 256 KB fp32 block stays in cache.
 _ROUNDED_SUM_BLOCK = 1 << 16
 
 
@@ -535,18 +535,6 @@ def _rounded_sum_into(out: torch.Tensor, weight: torch.Tensor, delta: torch.Tens
     for start in range(0, weight.shape[0], rows):
         stop = start + rows
         out[start:stop] = weight[start:stop].to(delta.dtype).add_(delta[start:stop])
-    return out
-
-
-def _converted(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 2-d ``t`` in ``dtype`` (a weight gradient to Delta's fp32), converted in row blocks
-    like :func:`_rounded_sum_into`: the same values, several times faster on CPU."""
-    if t.dtype == dtype:
-        return t
-    out = t.new_empty(t.shape, dtype=dtype)
-    rows = max(1, _ROUNDED_SUM_BLOCK // max(1, t.shape[1]))
-    for start in range(0, t.shape[0], rows):
-        out[start : start + rows] = t[start : start + rows]
     return out
 
 
@@ -607,7 +595,7 @@ class _PrefixRowsLinear(torch.autograd.Function):
                 dx.addmm_(tuned_dy, tuned)
             dx = dx.view(ctx.x_shape)
         if delta is not None and ctx.needs_input_grad[3]:
-            d_delta = _converted(tuned_dy.T.matmul(x.reshape(-1, x.shape[-1])), delta.dtype)
+            d_delta = tuned_dy.T.matmul(x.reshape(-1, x.shape[-1])).to(delta.dtype)
         if ctx.needs_input_grad[4]:
             d_head = grads[:, :head_width].view(*dy.shape[:-1], head_width)
         return dx, None, None, d_delta, d_head, None, None
@@ -660,7 +648,7 @@ class _PrefixColumnsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             d_rest = grads.matmul(frozen[:, tuned_width:]).view(*mixed_shape[:-1], -1)
         if delta is not None and ctx.needs_input_grad[4]:
-            d_delta = _converted(grads.T.matmul(mixed.reshape(-1, tuned_width)), delta.dtype)
+            d_delta = grads.T.matmul(mixed.reshape(-1, tuned_width)).to(delta.dtype)
         return d_mixed, d_rest, None, None, d_delta
 
 
