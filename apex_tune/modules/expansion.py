@@ -520,17 +520,23 @@ def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, width: in
     return _SliceSwappedLinear.apply(x, weight, bias, delta, positions, dim, width, x_tuned)
 
 
-# Elements per block of the blocked rounded sum below: a 256 KB fp32 block stays in cache.
+# Elements per block of the rounded sum below on the CPU: a 256 KB fp32 block stays in cache.
 _ROUNDED_SUM_BLOCK = 1 << 16
 
 
 def _rounded_sum_into(out: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``out`` = W + Delta computed in Delta's dtype (fp32) and rounded once to ``out``'s dtype,
-    for 2-d ``weight``/``delta`` of one shape (``weight`` may be a strided slice). Below fp32 it
-    runs over row blocks of about 64K elements: the fp32 temporary stays in cache, several
-    times faster on CPU than converting the whole slice at once, and bit-identical to it."""
+    for 2-d ``weight``/``delta`` of one shape (``weight`` may be a strided slice). Below fp32 on
+    the CPU it runs over row blocks of about 64K elements, bit-identical to the whole slice at
+    once but without a slice-sized fp32 temporary, which glibc often hands back to the OS when
+    it is freed, so that the next forward page-faults it in again (``python -m
+    bench.rounded_sum``: blocks take the same time every call, the whole slice 0.8x to 4x
+    that, by the allocator's state). Elsewhere (a caching allocator, a launch per kernel)
+    the whole slice at once."""
     if out.dtype == delta.dtype:
         return torch.add(weight, delta, out=out)
+    if weight.device.type != "cpu":
+        return out.copy_(weight.to(delta.dtype).add_(delta))
     rows = max(1, _ROUNDED_SUM_BLOCK // max(1, weight.shape[1]))
     for start in range(0, weight.shape[0], rows):
         stop = start + rows
