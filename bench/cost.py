@@ -569,11 +569,17 @@ def run_cost(full: bool, device: torch.device, methods: List[str] = METHODS, dty
     return results
 
 
+def budget_matched() -> dict:
+    """The budget-matched settings: LoRA's rank at APEX ~52%'s trainable count, and APEX at
+    LoRA r8's (``build_methods``' ``budgets``)."""
+    lora_per_rank = lora_trainable_per_rank()
+    return dict(lora_matched_rank=max(1, round(trainable_on_meta(APEX_52) / lora_per_rank)),
+                apex_r8_budget=budget_settings(8 * lora_per_rank))
+
+
 def run_models(results: dict, device, names: List[str], dtypes: List[str], rounds: int, steps: int) -> None:
     """Step time and training memory of the methods ``names`` in each of ``dtypes``, into ``results``."""
-    lora_per_rank = lora_trainable_per_rank()
-    budgets = dict(lora_matched_rank=max(1, round(trainable_on_meta(APEX_52) / lora_per_rank)),
-                   apex_r8_budget=budget_settings(8 * lora_per_rank))
+    budgets = budget_matched()
     results["settings"] = dict(apex_ops=APEX_OPS.to_dict(), apex_r8_budget=budgets["apex_r8_budget"].to_dict(),
                                apex_52=APEX_52.to_dict(), lora_matched_rank=budgets["lora_matched_rank"])
     assess_batches = random_batches(ASSESS_BATCHES, device, seed=1)
