@@ -2,7 +2,7 @@
 
     python -m bench.rounded_sum        # a few seconds
 
-``_rounded_sum_into`` (apex_tune/modules/expansion.py) forms the fp32 sum in row blocks whose
+``_rounded_sum`` (apex_tune/modules/expansion.py) forms the fp32 sum in row blocks whose
 temporary stays in cache; the one-shot form converts the whole slice to fp32 (a slice-sized
 temporary), adds and converts back. Both are checked bit-identical; CPU time, one thread,
 median of 15 (after one warm-up call), for tuned slices of a w1/w3 (4096 x 2048) and a w2
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from apex_tune.modules.expansion import _rounded_sum_into
+from apex_tune.modules.expansion import _rounded_sum
 from bench import cost
 
 
@@ -47,7 +47,7 @@ def _compare(gen: torch.Generator) -> None:
         delta = 1e-3 * torch.randn(rows, cols, generator=gen)
 
         def blocked():
-            return _rounded_sum_into(torch.empty_like(weight), weight, delta)
+            return _rounded_sum(weight, delta)
 
         def one_shot():
             return weight.to(torch.float32, copy=True).add_(delta).to(torch.bfloat16)

@@ -491,13 +491,6 @@ def _blocks_of(weight: torch.Tensor, dim: int, positions: torch.Tensor, width: i
     return weight.view(shape), positions[::width] // width
 
 
-def _rounded_sum(tuned: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """W_T + Delta computed in Delta's dtype (fp32), rounded once to the weight's dtype, in
-    ``tuned``'s (blocked) shape. (A fresh copy first, then in place: a mixed-dtype add is
-    several times slower on CPU.)"""
-    return tuned.to(delta.dtype, copy=True).add_(delta.view(tuned.shape)).to(tuned.dtype)
-
-
 def _with_slice(blocked: torch.Tensor, dim: int, blocks: torch.Tensor, tuned: torch.Tensor,
                 swapped: torch.Tensor, compute):
     """``compute()`` while the ``blocks`` of the frozen weight (viewed as ``blocked``) along
@@ -524,23 +517,27 @@ def _slice_swapped_linear(x, weight, bias, delta, positions, dim: int, width: in
 _ROUNDED_SUM_BLOCK = 1 << 16
 
 
-def _rounded_sum_into(out: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``out`` = W + Delta computed in Delta's dtype (fp32) and rounded once to ``out``'s dtype,
-    for 2-d ``weight``/``delta`` of one shape (``weight`` may be a strided slice). Below fp32 on
-    the CPU it runs over row blocks of about 64K elements, bit-identical to the whole slice at
-    once but without a slice-sized fp32 temporary, which glibc often hands back to the OS when
-    it is freed, so that the next forward page-faults it in again (``python -m
-    bench.rounded_sum``: blocks take the same time every call, the whole slice 0.8x to 4x
-    that, by the allocator's state). Elsewhere (a caching allocator, a launch per kernel)
-    the whole slice at once."""
-    if out.dtype == delta.dtype:
-        return torch.add(weight, delta, out=out)
-    if weight.device.type != "cpu":
-        return out.copy_(weight.to(delta.dtype).add_(delta))
-    rows = max(1, _ROUNDED_SUM_BLOCK // max(1, weight.shape[1]))
-    for start in range(0, weight.shape[0], rows):
-        stop = start + rows
-        out[start:stop] = weight[start:stop].to(delta.dtype).add_(delta[start:stop])
+def _rounded_sum(tuned: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W_T + Delta computed in Delta's dtype (fp32) and rounded once to ``tuned``'s (the
+    weight's) dtype, as a new tensor of ``tuned``'s shape: ``delta``'s, or the blocked shape
+    of the swapped slice with its elements in the same order. ``tuned`` may be a strided
+    slice of the weight. Below fp32 on the CPU it runs over row blocks of about 64K elements,
+    bit-identical to the whole slice at once but without a slice-sized fp32 temporary, which
+    glibc often hands back to the OS when it is freed, so that the next forward page-faults
+    it in again (``python -m bench.rounded_sum``: blocks take the same time every call, the
+    whole slice 0.8x to 4x that, by the allocator's state). Elsewhere (a caching allocator,
+    a launch per kernel) the whole slice at once."""
+    out = tuned.new_empty(tuned.shape)
+    weight, target = tuned.reshape(delta.shape), out.view(delta.shape)
+    if tuned.dtype == delta.dtype:
+        torch.add(weight, delta, out=target)
+    elif tuned.device.type != "cpu":
+        target.copy_(weight.to(delta.dtype).add_(delta))
+    else:
+        rows = max(1, _ROUNDED_SUM_BLOCK // max(1, weight.shape[1]))
+        for start in range(0, weight.shape[0], rows):
+            stop = start + rows
+            target[start:stop] = weight[start:stop].to(delta.dtype).add_(delta[start:stop])
     return out
 
 
@@ -563,7 +560,7 @@ class _PrefixRowsLinear(torch.autograd.Function):
         tuned_stop = start + (delta.shape[0] if delta is not None else 0)
         tuned = None
         if delta is not None:
-            tuned = _rounded_sum_into(frozen.new_empty(delta.shape), frozen[start:tuned_stop], delta)
+            tuned = _rounded_sum(frozen[start:tuned_stop], delta)
         head_width = head.shape[-1] if head is not None else 0
         y = tokens.new_empty(tokens.shape[0], head_width + stop - start)
         if head is not None:
@@ -597,7 +594,7 @@ class _PrefixRowsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = frozen_dy.matmul(frozen[tuned_stop:])
             if delta is not None:
-                tuned = kept[0] if ctx.keeps_slice else _rounded_sum_into(frozen.new_empty(delta.shape), frozen[start:tuned_stop], delta)
+                tuned = kept[0] if ctx.keeps_slice else _rounded_sum(frozen[start:tuned_stop], delta)
                 dx.addmm_(tuned_dy, tuned)
             dx = dx.view(ctx.x_shape)
         if delta is not None and ctx.needs_input_grad[3]:
@@ -623,7 +620,7 @@ class _PrefixColumnsLinear(torch.autograd.Function):
         frozen = weight.detach()
         tuned = frozen[:, :tuned_width]
         if delta is not None:
-            tuned = _rounded_sum_into(frozen.new_empty(delta.shape), tuned, delta)
+            tuned = _rounded_sum(tuned, delta)
         tokens_mixed = mixed.reshape(-1, tuned_width)
         if bias is None:
             y = torch.mm(tokens_mixed, tuned.T)
@@ -646,7 +643,7 @@ class _PrefixColumnsLinear(torch.autograd.Function):
         if delta is None:
             tuned = frozen[:, :tuned_width]
         else:
-            tuned = kept[0] if ctx.keeps_slice else _rounded_sum_into(frozen.new_empty(delta.shape), frozen[:, :tuned_width], delta)
+            tuned = kept[0] if ctx.keeps_slice else _rounded_sum(frozen[:, :tuned_width], delta)
         grads = dy.reshape(-1, dy.shape[-1])
         d_mixed = d_rest = d_delta = None
         if ctx.needs_input_grad[0]:
