@@ -17,6 +17,11 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.detach()
 
 
+def is_meta(t: torch.Tensor) -> bool:
+    """Whether ``t`` (or its local shard) is on the meta device: nothing to read or move yet."""
+    return (t.to_local() if isinstance(t, DTensor) else t).is_meta
+
+
 def is_nf4(t: torch.Tensor) -> bool:
     return isinstance(t, NF4Tensor)
 

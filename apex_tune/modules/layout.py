@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from apex_tune.modules._dtensor import assign_, full_value
+from apex_tune.modules._dtensor import assign_, full_value, is_meta
 from apex_tune.modules.expansion import ApexExpansion, _ApexLinear
 from apex_tune.modules.geometry import CHANNELS, PROJECTIONS, ApexLayer, find_apex_layers
 
@@ -87,10 +87,6 @@ def _gather_(param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         param.data = permuted
 
 
-def _is_meta(t: torch.Tensor) -> bool:
-    return (t.to_local() if isinstance(t, DTensor) else t).is_meta
-
-
 @torch.no_grad()
 def relayout_(layer: ApexLayer, order: torch.Tensor) -> None:
     """Put ``layer``'s FFN channels in ``order`` (physical position -> base id): one
@@ -100,7 +96,7 @@ def relayout_(layer: ApexLayer, order: torch.Tensor) -> None:
     expansion = layer.expansion(CHANNELS)
     slots = expansion.slots
     wrappers = layer.wrappers(CHANNELS)
-    if not slots.is_meta and not any(_is_meta(w.weight) for w in wrappers):
+    if not slots.is_meta and not any(is_meta(w.weight) for w in wrappers):
         order = order.to(slots.device)
         # New position p holds base channel order[p], now at position slots[order[p]].
         source = slots.index_select(0, order)
@@ -175,7 +171,7 @@ def load_channel_layout_(model: nn.Module, state: Dict[str, torch.Tensor]) -> No
         raise ValueError(f"{extra[0]} is not a layer of this model with channel expansion")
 
 
-def _physical_to_base(expansion: Optional[ApexExpansion]) -> Optional[torch.Tensor]:
+def physical_to_base(expansion: Optional[ApexExpansion]) -> Optional[torch.Tensor]:
     """Index turning a physically ordered channel dim into base order (None: same order)."""
     if expansion is None or not getattr(expansion, "contiguous", False):
         return None
@@ -187,7 +183,7 @@ def base_layout_weights(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Full ``weight``/``bias`` of ``wrapper``, as the live model holds them, in the
     base layout (w1, w3: rows and bias; w2: columns; other wrappers unchanged)."""
-    index = _physical_to_base(wrapper.expansion)
+    index = physical_to_base(wrapper.expansion)
     if index is None:
         return weight, bias
     index = index.to(weight.device)
@@ -203,7 +199,7 @@ def base_layout_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     Keys are torchtune's decoder names, ``layers.<i>.mlp.<w1|w3|w2>.<weight|bias>``."""
     out = dict(state_dict)
     for layer in find_apex_layers(model):
-        index = _physical_to_base(layer.expansion(CHANNELS))
+        index = physical_to_base(layer.expansion(CHANNELS))
         if index is None:
             continue
         index = index.cpu()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from apex_tune.modules._dtensor import is_meta
 from apex_tune.modules.expansion import _ApexLinear
 from apex_tune.modules.layout import base_layout_weights, restore_base_layout_
 from apex_tune.modules.model import (
@@ -46,10 +47,6 @@ def _state_dict_name(name: str) -> str:
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     return name
-
-
-def _is_meta(t: torch.Tensor) -> bool:
-    return (t.to_local() if isinstance(t, DTensor) else t).is_meta
 
 
 def _like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -89,7 +86,7 @@ def _fold_on_save(module: nn.Module, state_dict, prefix: str, local_metadata) ->
         key = f"{prefix}{name}.weight"
         # A model still on the meta device (FSDP loaders read its state dict for
         # the keys and shapes) has nothing to fold.
-        if key not in state_dict or _is_meta(wrapper.weight):
+        if key not in state_dict or is_meta(wrapper.weight):
             continue
         weight, bias = base_layout_weights(wrapper, *wrapper.folded()[:2])
         state_dict[key] = _like(weight, state_dict[key])

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from apex_tune.modules.layout import physical_to_base
 from apex_tune.modules.model import CHANNELS, HEADS, ApexLayer, find_apex_layers
 from apex_tune.modules.selection import LayerSelection, UnitSelection, select_units
 from apex_tune.modules.config import ApexSettings
@@ -195,10 +196,8 @@ class ActivationRanker:
     def _in_base_order(self, pos: int, norms: torch.Tensor) -> torch.Tensor:
         """Per-channel values in the FFN's physical order, in base channel order (one
         gather on their device; no host sync)."""
-        expansion = self.layers[pos].expansion(CHANNELS)
-        if expansion is None or not expansion.contiguous:
-            return norms
-        return norms.index_select(0, expansion.slots.to(norms.device))
+        index = physical_to_base(self.layers[pos].expansion(CHANNELS))
+        return norms if index is None else norms.index_select(0, index.to(norms.device))
 
     def _head_hook(self, pos: int, layer: ApexLayer):
         def hook(module, args):
