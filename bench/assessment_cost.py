@@ -15,23 +15,36 @@ allocator cache), in three cases:
   final norm, output head and loss once; see ``at_real_depth``).
 
 Per round, in turn: one training step (the seconds inside the ranking hooks added up),
-one assessment batch through :func:`apex_tune.training.assessment.score_units` (the
-recipe's and ``apex-tune assess``'s path: it stops once the last hook has recorded), and
-one whole no-grad forward with the hooks recording (what an assessment batch cost before
-that stop, for comparison). Ratios are medians over rounds of the ratio within a round.
+then three no-grad forwards of one batch with the hooks recording, on the model as the
+recipe assesses it (``cost.assessed_model``: freshly wrapped, before stage 1):
+
+- the assessment batch through :func:`apex_tune.training.assessment.score_units` (the
+  recipe's and ``apex-tune assess``'s path: the wrappers run as their base linears,
+  :func:`~apex_tune.modules.model.bypass_unchanged_wrappers`, and the forward stops
+  once the last hook has recorded);
+- ``stop_only``: the same without the bypass (the wrappers' own paths), as it ran before;
+- ``whole``: without the bypass and without the stop;
+
+and the check that finds the unchanged wrappers (one read of the APEX parameters), which
+``score_units`` makes once per assessment pass, not per batch: it is timed apart
+(``check_over_step``) and left out of the per-batch times.
+
+Ratios are medians over rounds of the ratio within a round.
 The fraction of a Tulu-v2 epoch is the assessment batch / step ratio times 12,288 / 326,154
 (the reference's proportions; an assessment batch and a training batch hold as many examples).
 Writes bench/results/assessment_cost.json.
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
 
 import torch
 
-from apex_tune.training.assessment import score_units
+from apex_tune import ActivationRanker, apply_apex
+from apex_tune.modules.model import bypass_unchanged_wrappers
 from bench import cost
 from bench.common import log, setup_torch, write_json
 
@@ -47,11 +60,14 @@ SHAPES = dict(cost.LLAMA_1B_SHAPES)
 
 
 @torch.no_grad()
-def whole_forward(model, ranker, tokens) -> None:
-    """An assessment batch as it was before score_units stopped early: the whole forward."""
+def forward_without_bypass(model, ranker, tokens, stop: bool) -> None:
+    """An assessment batch as it ran before :func:`bypass_unchanged_wrappers`: every wrapper
+    runs its own path; with ``stop`` the forward ends once the last hook has recorded,
+    without it runs whole (before ``stop_after_last_hook`` too)."""
     model.eval()
     ranker.begin_microbatch(None)
-    model(tokens)
+    with ranker.stop_after_last_hook() if stop else contextlib.nullcontext():
+        model(tokens)
     model.train()
 
 
@@ -66,50 +82,66 @@ def measure(dtype: torch.dtype, case: dict, rounds: int) -> dict:
     model, ranker = cost.apex_model(state, settings, dtype, "cpu", cost.random_batches(2, "cpu", seed=1))
     cost.backward_through_every_layer(model)
     model.train()
-    method = cost.Method(model, ranker)
+    method = cost.Method(model, ranker, assessed=cost.assessed_model(state, settings, dtype, "cpu"))
+    fresh = cost.base_model(dtype, "cpu", state)  # as the assessed model, without the bypass
+    apply_apex(fresh, settings)
+    fresh_ranker = ActivationRanker(fresh, settings).attach()
     tokens, labels = cost.random_batches(1, "cpu")[0]
     method.step(tokens, labels)  # warm-up (creates the optimizer state)
-    steps, hooks, assess, whole = [], [], [], []
+    times = {key: [] for key in ("step", "hooks", "assess", "stop_only", "whole", "check")}
+
+    def check():  # what score_units adds once per assessment pass: finding the unchanged wrappers
+        with bypass_unchanged_wrappers(fresh):
+            pass
+
     for _ in range(rounds):
         ranker.seconds = 0.0
         start = cost.CLOCK()
         method.step(tokens, labels)
-        steps.append(cost.CLOCK() - start)
-        hooks.append(ranker.seconds / steps[-1])
-        start = cost.CLOCK()
-        score_units(model, ranker, [({"tokens": tokens}, None)])
-        assess.append(cost.CLOCK() - start)
-        start = cost.CLOCK()
-        whole_forward(model, ranker, tokens)
-        whole.append(cost.CLOCK() - start)
-    ratio = statistics.median(a / s for a, s in zip(assess, steps))
+        times["step"].append(cost.CLOCK() - start)
+        times["hooks"].append(ranker.seconds / times["step"][-1])
+        for key, run in (("assess", lambda: method.assess(tokens)),
+                         ("stop_only", lambda: forward_without_bypass(fresh, fresh_ranker, tokens, stop=True)),
+                         ("whole", lambda: forward_without_bypass(fresh, fresh_ranker, tokens, stop=False)),
+                         ("check", check)):
+            start = cost.CLOCK()
+            run()
+            times[key].append(cost.CLOCK() - start)
+
+    def over_step(key):
+        return statistics.median(t / s for t, s in zip(times[key], times["step"]))
+
+    ratio = over_step("assess")
     return dict(
-        step_s=statistics.median(steps),
-        hooks_fraction_of_step=statistics.median(hooks),
+        step_s=statistics.median(times["step"]),
+        hooks_fraction_of_step=statistics.median(times["hooks"]),
         assess_batch_over_step=ratio,
-        whole_forward_over_step=statistics.median(w / s for w, s in zip(whole, steps)),
-        assess_s=statistics.median(assess),
-        whole_forward_s=statistics.median(whole),
+        stop_only_over_step=over_step("stop_only"),
+        whole_forward_over_step=over_step("whole"),
+        check_over_step=over_step("check"),
+        assess_s=statistics.median(times["assess"]),
+        stop_only_s=statistics.median(times["stop_only"]),
+        whole_forward_s=statistics.median(times["whole"]),
         assessment_fraction_of_epoch=ratio * cost.ASSESS_EXAMPLES / cost.TULU_V2_EXAMPLES,
     )
 
 
 def at_real_depth(two: dict, four: dict, layers_two: int, layers_four: int) -> dict:
-    """The ratios of a ``REAL_LAYERS``-layer model from two depths: the step and the whole
-    forward are a + b * layers; the assessment batch is the whole forward less what it skips
-    (the final norm and the output head: the same at every depth, so its mean over the two)."""
+    """The ratios of a ``REAL_LAYERS``-layer model from two depths: each time (the step, an
+    assessment batch, the forwards without the bypass) is a + b * layers, a line through
+    the two depths (the embedding, and the final norm, output head and loss where they
+    run, cost the same at every depth; the layers cost the same each)."""
 
     def line(key):
         per_layer = (four[key] - two[key]) / (layers_four - layers_two)
         return two[key] + per_layer * (REAL_LAYERS - layers_two)
 
-    step, whole = line("step_s"), line("whole_forward_s")
-    skipped = statistics.mean(d["whole_forward_s"] - d["assess_s"] for d in (two, four))
-    assess = whole - skipped
+    step, assess = line("step_s"), line("assess_s")
     return dict(
         layers=REAL_LAYERS,
         assess_batch_over_step=assess / step,
-        whole_forward_over_step=whole / step,
+        stop_only_over_step=line("stop_only_s") / step,
+        whole_forward_over_step=line("whole_forward_s") / step,
         assessment_fraction_of_epoch=assess / step * cost.ASSESS_EXAMPLES / cost.TULU_V2_EXAMPLES,
     )
 
@@ -131,14 +163,16 @@ def main() -> None:
             row = measure(cost.DTYPES[dname], CASES[case], args.rounds)
             results[dname][case] = {**CASES[case], **row}
             log(f"{dname} {case}: hooks {100 * row['hooks_fraction_of_step']:.2f}% of a step; assessment batch "
-                f"{row['assess_batch_over_step']:.3f} steps (whole forward {row['whole_forward_over_step']:.3f}); "
+                f"{row['assess_batch_over_step']:.3f} steps (without the bypass {row['stop_only_over_step']:.3f}, "
+                f"whole forward {row['whole_forward_over_step']:.3f}); "
                 f"{100 * row['assessment_fraction_of_epoch']:.2f}% of a Tulu-v2 epoch")
         if {"vocab", "vocab_4_layers"} <= set(results[dname]):
             two, four = results[dname]["vocab"], results[dname]["vocab_4_layers"]
             real = at_real_depth(two, four, two["num_layers"], four["num_layers"])
             results[dname]["real_depth"] = real
             log(f"{dname} at {REAL_LAYERS} layers, real vocabulary: assessment batch "
-                f"{real['assess_batch_over_step']:.3f} steps (whole forward {real['whole_forward_over_step']:.3f}); "
+                f"{real['assess_batch_over_step']:.3f} steps (without the bypass {real['stop_only_over_step']:.3f}, "
+                f"whole forward {real['whole_forward_over_step']:.3f}); "
                 f"{100 * real['assessment_fraction_of_epoch']:.2f}% of a Tulu-v2 epoch")
     path = write_json(args.output, dict(
         shapes=SHAPES, batch=[cost.BATCH, cost.SEQ], settings={k: v.to_dict() for k, v in SETTINGS.items()},

@@ -50,6 +50,7 @@ alike); the Monarch comparison is reported with and without it.
 """
 
 import argparse
+import contextlib
 import ctypes
 import os
 import statistics
@@ -65,6 +66,8 @@ from torchtune.modules.peft import LoRALinear, get_adapter_params
 from torchtune.training import set_default_dtype
 
 from apex_tune import ActivationRanker, ApexSettings, MonarchMatrix, apply_apex, random_selection, set_apex_trainable, set_selection
+from apex_tune.modules.expansion import _ApexLinear
+from apex_tune.modules.model import bypass_unchanged_wrappers
 from apex_tune.training.assessment import score_units
 from bench.common import count_trainable, load_base_into_adapter_model, log, setup_torch, token_loss, write_json
 
@@ -169,6 +172,19 @@ def apex_model(state, settings: ApexSettings, dtype, device, batches) -> tuple:
     return model, ranker
 
 
+def assessed_model(state, settings: ApexSettings, dtype, device) -> tuple:
+    """The model the recipe's assessment runs on, with its ranker: wrapped as apply_apex
+    leaves it, before stage 1, sharing the frozen base weights. Every wrapper still computes
+    its base linear, so ``score_units`` runs each as that linear alone. The check that finds
+    this (one read of the APEX parameters) is made once per assessment pass in the recipe,
+    so it is made here once, outside the timed batches: the bypass is entered for good."""
+    model = base_model(dtype, device, state)
+    apply_apex(model, settings)
+    bypassed = contextlib.ExitStack().enter_context(bypass_unchanged_wrappers(model))
+    assert bypassed == sum(isinstance(m, _ApexLinear) for m in model.modules()), "a fresh wrapper changed the base"
+    return model, TimedRanker(model, settings)
+
+
 def budget_settings(lora_r8_trainable: int) -> ApexSettings:
     """APEX + delta with the trainable count closest to LoRA r8's: heads off, K channels
     expanded and the delta on those 2K (N and P)."""
@@ -208,6 +224,7 @@ class Method:
     model: nn.Module
     ranker: Optional[TimedRanker] = None
     optimizer: Optional[torch.optim.Optimizer] = None
+    assessed: Optional[tuple] = None  # (model, ranker) of the assessment pass, see assessed_model
 
     def __post_init__(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -226,9 +243,11 @@ class Method:
             self.optimizer.zero_grad(set_to_none=True)
 
     def assess(self, tokens) -> None:
-        """One batch of the assessment pass, as the recipe runs it (``score_units``: a no-grad
-        forward that stops once the last hook has recorded)."""
-        score_units(self.model, self.ranker, [({"tokens": tokens}, None)])
+        """One batch of the assessment pass, as the recipe runs it before stage 1
+        (``score_units`` on the freshly wrapped model: a no-grad forward through the base
+        linears that stops once the last hook has recorded)."""
+        model, ranker = self.assessed
+        score_units(model, ranker, [({"tokens": tokens}, None)])
 
 
 def frozen_floor(model: nn.Module) -> nn.Module:
@@ -266,7 +285,7 @@ def build_methods(dtype, device, batches, budgets: dict, names: List[str] = METH
     for name, settings in [("apex_ops", APEX_OPS), ("apex_r8_budget", budgets["apex_r8_budget"]), ("apex_52", APEX_52)]:
         if name in names:
             model, ranker = apex_model(state, settings, dtype, device, batches)
-            methods[name] = Method(model, ranker)
+            methods[name] = Method(model, ranker, assessed=assessed_model(state, settings, dtype, device))
     for method in methods.values():
         backward_through_every_layer(method.model)
         method.model.train()

@@ -5,6 +5,7 @@ sharded DTensors. Every rank computes the same full value, then keeps its shard.
 """
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import training
@@ -15,6 +16,19 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, DTensor):
         return t.detach().full_tensor()
     return t.detach()
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: its shard if it is a DTensor, else ``t``; detached."""
+    return (t.to_local() if isinstance(t, DTensor) else t).detach()
+
+
+def collective_device() -> torch.device:
+    """Where tensors for a collective of the default process group live: the current
+    GPU under NCCL, the CPU otherwise (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_meta(t: torch.Tensor) -> bool:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchtune.modules.peft import AdapterModule
 
-from apex_tune.modules._dtensor import assign_, dequantized, full_value
+from apex_tune.modules._dtensor import assign_, dequantized, full_value, local_value
 from apex_tune.modules.monarch import MonarchMatrix, monarch_apply
 
 # Storage dtype of every trainable APEX parameter, whatever the base dtype.
@@ -179,6 +179,12 @@ class ApexExpansion(nn.Module, AdapterModule):
         self.monarch.reset_parameters(generator)
         assign_(self.a, torch.ones(self.a.shape, device=self.a.device))
 
+    @torch.no_grad()
+    def is_identity(self) -> bool:
+        """Whether the operators leave N as it is: L2 = 0 (so M = 0) and a = 1, as
+        :meth:`reset_parameters` leaves them. Reads this rank's shards only."""
+        return not local_value(self.monarch.L2).any() and bool((local_value(self.a) == 1).all())
+
     def adapter_params(self) -> List[str]:
         return ["monarch.L1", "monarch.L2", "a"]
 
@@ -188,6 +194,8 @@ class _ApexLinear(nn.Module, AdapterModule):
     positions and the optional zero-initialised dense delta on them."""
 
     dim: int  # the weight dimension the units run along: 0 (rows) or 1 (columns)
+    # Set by apex_tune.modules.model.bypass_unchanged_wrappers: forward is the base linear alone.
+    _bypassed = False
 
     def __init__(
         self,
@@ -256,6 +264,23 @@ class _ApexLinear(nn.Module, AdapterModule):
 
     def adapter_params(self) -> List[str]:
         return ["delta"] if self.delta is not None else []
+
+    @torch.no_grad()
+    def computes_base(self) -> bool:
+        """Whether this wrapper computes exactly its base linear: no finished stages kept
+        beside the base (NF4), a zero delta, operators at their identity and ``b`` = 1, as
+        apply_apex and every fold leave it. Then its mixing adds zeros and multiplies by
+        ones. Reads this rank's shards only (see bypass_unchanged_wrappers)."""
+        if self._history is not None and len(self._history[0]):
+            return False
+        if self.apex_history is not None and not self.apex_history.empty:
+            return False
+        if self.delta is not None and local_value(self.delta).any():
+            return False
+        if self.expansion is not None and not self.expansion.is_identity():
+            return False
+        b = getattr(self, "b", None)
+        return b is None or bool((local_value(b) == 1).all())
 
     def _dense_live_stage_only(self) -> bool:
         """A dense, frozen base (plain tensor: a local one, or FSDP2's unsharded parameter
@@ -755,6 +780,8 @@ class ApexColumnLinear(_ApexLinear):
         return super().adapter_params() + (["b"] if self.b is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._bypassed:
+            return F.linear(x, self.weight, self.bias)
         if self._prefix_path():
             return self._prefix_forward(x)
         if self._partial_backprop():
@@ -817,6 +844,8 @@ class ApexRowLinear(_ApexLinear):
     dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._bypassed:
+            return F.linear(x, self.weight, self.bias)
         if self._prefix_path():
             # y = W_eff (R x): the tuned inputs mixed on their own, the others read in place
             stage = self.live_stage()

@@ -3,15 +3,18 @@ it (the plain model), and report its size. Which layers and projections it wraps
 :mod:`apex_tune.modules.geometry`.
 """
 
-from typing import Any, Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchtune.modules import TiedLinear
 from torchtune.modules.tied_linear import Linear as TiedLinearFunction
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
+from apex_tune.modules._dtensor import collective_device
 from apex_tune.modules.effective_rank import effective_rank
 from apex_tune.modules.expansion import APEX_PARAM_DTYPE, ApexColumnLinear, ApexExpansion, ApexRowLinear, _ApexLinear
 from apex_tune.modules.geometry import (  # noqa: F401  (HEADS, CHANNELS, ApexLayer: part of this module's API)
@@ -206,6 +209,34 @@ def reset_apex_parameters(model: nn.Module, seed: int = 0) -> None:
             layer.expansion(kind).reset_parameters(generator)
             for wrapper in layer.wrappers(kind):
                 wrapper.reset_parameters()
+
+
+@contextmanager
+def bypass_unchanged_wrappers(model: nn.Module) -> Iterator[int]:
+    """Within it, every APEX wrapper that computes exactly its base linear
+    (:meth:`~apex_tune.modules.expansion._ApexLinear.computes_base`) runs as that linear
+    alone; yields how many do. For forwards that only read activations, such as the
+    assessment before stage 1 (every wrapper as apply_apex made it): the same function
+    without the operators' and the delta's work (with the delta in bf16 about a fifth of
+    the forward; ``python -m bench.assessment_cost``). A model whose wrappers changed runs
+    as before. Under torch.distributed a wrapper is bypassed only if it is unchanged on
+    every rank (each reads its own shards), so every rank runs the same computation.
+    The check reads every APEX parameter once; within an enclosing bypass, the wrappers
+    it bypassed are neither checked again nor restored on exit."""
+    wrappers = [m for m in model.modules() if isinstance(m, _ApexLinear) and not m._bypassed]
+    unchanged = torch.tensor([w.computes_base() for w in wrappers], dtype=torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        on_every_rank = unchanged.to(collective_device())
+        dist.all_reduce(on_every_rank, op=dist.ReduceOp.MIN)
+        unchanged = on_every_rank.cpu()
+    bypassed = [w for w, keep in zip(wrappers, unchanged.tolist()) if keep]
+    for wrapper in bypassed:
+        wrapper._bypassed = True
+    try:
+        yield len(bypassed)
+    finally:
+        for wrapper in bypassed:
+            del wrapper._bypassed  # back to the class's False
 
 
 @torch.no_grad()

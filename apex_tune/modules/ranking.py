@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from apex_tune.modules._dtensor import collective_device
 from apex_tune.modules.layout import physical_to_base
 from apex_tune.modules.model import CHANNELS, HEADS, ApexLayer, find_apex_layers
 from apex_tune.modules.selection import LayerSelection, UnitSelection, select_units
@@ -216,7 +217,7 @@ class ActivationRanker:
         """Sum the scores over data-parallel ranks (no-op outside torch.distributed)."""
         if not (dist.is_available() and dist.is_initialized()):
             return
-        backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        backend_device = collective_device()
         for store in (self.relative, self.activation):
             for kind in (HEADS, CHANNELS):
                 flat = torch.cat([t.to(backend_device) for t in store[kind]])

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 from torchtune import utils
 
+from apex_tune.modules.model import bypass_unchanged_wrappers
 from apex_tune.modules.ranking import ActivationRanker
 from apex_tune.modules.selection import LayerSelection, write_selection_file
 from apex_tune.training.stages import choose_selection
@@ -32,15 +33,17 @@ def score_units(
     The scores read only the layers' output_proj inputs and gate activations, so each
     forward skips what follows the last hooked layer (:meth:`ActivationRanker.stop_after_last_hook`):
     the final norm and the output head, about a fifth of Llama-3.2-1B's forward at its
-    128k vocabulary."""
+    128k vocabulary. Wrappers that still compute their base linear exactly (all of them
+    before stage 1) run as that linear alone (:func:`bypass_unchanged_wrappers`)."""
     ranker.attach()
     was_training = model.training
     model.eval()
     try:
-        for inputs, mask in batches:
-            ranker.begin_microbatch(mask)
-            with ranker.stop_after_last_hook():
-                model(**inputs)
+        with bypass_unchanged_wrappers(model):
+            for inputs, mask in batches:
+                ranker.begin_microbatch(mask)
+                with ranker.stop_after_last_hook():
+                    model(**inputs)
     finally:
         model.train(was_training)
 

@@ -29,8 +29,8 @@ from apex_tune import (
 )
 from apex_tune.training.checkpointing import unwrapped_state_dict
 from apex_tune.training.memory_options import check_memory_options
-from apex_tune.modules.expansion import unit_positions
-from apex_tune.modules.model import param_kind
+from apex_tune.modules.expansion import _ApexLinear, unit_positions
+from apex_tune.modules.model import bypass_unchanged_wrappers, param_kind
 from apex_tune.modules.nf4 import (
     NF4_BLOCK_SIZE,
     NF4_SCALER_BLOCK_SIZE,
@@ -159,6 +159,23 @@ def test_wrapped_nf4_model_at_init_equals_nf4_base(kind, delta, tokens):
     # and the NF4 base is the full-precision base up to 4-bit quantization error, no more
     with torch.no_grad():
         assert 0 < rel(expected, build(kind)(tokens)) < 0.5
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_fresh_wrappers_bypassed_until_a_stage_is_kept(delta, tokens):
+    """The assessment's bypass over an NF4 base: fresh wrappers run as the NF4 linear (the
+    dequantized base); once a stage is folded, kept beside the base as a merged correction
+    or as frozen operators, no wrapper carrying it is bypassed."""
+    model = apply_apex(build(), settings(delta))
+    plain = dequantized_copy(unwrap_apex(copy.deepcopy(model)))
+    wrappers = [m for m in model.modules() if isinstance(m, _ApexLinear)]
+    with torch.no_grad(), bypass_unchanged_wrappers(model) as count:
+        assert count == len(wrappers)
+        assert rel(model(tokens), plain(tokens)) <= 1e-6
+    set_selection(model, selection_for(model, 0))
+    fold_apex_(model)  # a stage of operators at their init: kept all the same
+    with bypass_unchanged_wrappers(model) as count:
+        assert count == 0
 
 
 @pytest.mark.parametrize("kind, delta", [("llama3", False), ("llama3", True), ("qwen2", True)])

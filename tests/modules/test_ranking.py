@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from apex_tune import ActivationRanker, ApexSettings, apply_apex, get_selection, select_units, set_selection
-from apex_tune.modules.model import find_apex_layers
+from apex_tune.modules.model import bypass_unchanged_wrappers, find_apex_layers
 from apex_tune.training.assessment import score_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -434,12 +434,14 @@ def test_unit_norms_match_the_fp64_formula(dtype, masked, make_tiny):
 def test_assessment_stops_after_the_last_hook(settings, make_tiny, vocab_size):
     """score_units records what a whole forward records, while what follows the last hooked
     layer (the final norm and the output head) sees no positions; it leaves the model's
-    mode, hooks and later forwards as they were."""
+    mode, hooks and later forwards as they were. (The whole forward runs with the fresh
+    wrappers bypassed too, as score_units runs them, so that only the stop differs.)"""
     model = apply_apex(make_tiny("llama3_gqa"), settings)
     model.train()
     batches = _batches(vocab_size, n=3, seed=9)
     whole = ActivationRanker(model, settings).attach()
-    _run(model, whole, batches)
+    with bypass_unchanged_wrappers(model):
+        _run(model, whole, batches)
     whole.detach()
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
