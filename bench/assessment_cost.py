@@ -60,12 +60,12 @@ SHAPES = dict(cost.LLAMA_1B_SHAPES)
 
 
 @torch.no_grad()
-def forward_without_bypass(model, ranker, tokens, stop: bool) -> None:
+def forward_without_bypass(model, ranker, tokens, stop: bool, mask=None) -> None:
     """An assessment batch as it ran before :func:`bypass_unchanged_wrappers`: every wrapper
     runs its own path; with ``stop`` the forward ends once the last hook has recorded,
-    without it runs whole (before ``stop_after_last_hook`` too)."""
+    without it runs whole (before ``stop_after_last_hook`` too). ``mask``: the tokens counted."""
     model.eval()
-    ranker.begin_microbatch(None)
+    ranker.begin_microbatch(mask)
     with ranker.stop_after_last_hook() if stop else contextlib.nullcontext():
         model(tokens)
     model.train()
