@@ -197,6 +197,20 @@ def load_base_state(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
     return checkpointer.load_checkpoint()["model"]
 
 
+def add_checkpoint_argument(parser) -> None:
+    """``--checkpoint-dir``: the HF checkpoint (default from ``APEX_SMOLLM2_DIR``, else ../smollm2_hf)."""
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path(os.environ.get(CHECKPOINT_ENV, DEFAULT_CHECKPOINT)))
+
+
+def base_and_train_examples(checkpoint_dir: Path, plan: Plan) -> Tuple[Dict[str, torch.Tensor], list]:
+    """The base model's state and the GSM8K training split as ChatML examples (token ids,
+    answer start), truncated to ``plan.max_len``."""
+    splits = load_splits(plan)
+    chat = ChatML(checkpoint_dir)
+    state = load_base_state(checkpoint_dir)
+    return state, [chat.example(r, plan.max_len) for r in splits.train]
+
+
 def base_model(state: Dict[str, torch.Tensor]) -> nn.Module:
     model = llama3_2(**SMOLLM2, tie_word_embeddings=True)
     model.load_state_dict(state)

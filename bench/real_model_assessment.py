@@ -15,9 +15,7 @@ sums may round differently). Writes ``bench/results/real_model_assessment.json``
 """
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,17 +28,13 @@ from bench.common import IGNORE, log, sft_batches, write_json
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint-dir", type=Path,
-                        default=Path(os.environ.get(real_model.CHECKPOINT_ENV, real_model.DEFAULT_CHECKPOINT)))
+    real_model.add_checkpoint_argument(parser)
     parser.add_argument("--batches", type=int, default=6)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cached = cost.cache_freed_memory()
     plan = real_model.Plan()
-    splits = real_model.load_splits(plan)
-    chat = real_model.ChatML(args.checkpoint_dir)
-    state = real_model.load_base_state(args.checkpoint_dir)
-    examples = [chat.example(r, plan.max_len) for r in splits.train]
+    state, examples = real_model.base_and_train_examples(args.checkpoint_dir, plan)
     batches = sft_batches(examples, args.batches, plan.batch, plan.seed + 10_000)
     settings = cost.APEX_52
     results = {}

@@ -13,10 +13,8 @@ Writes ``bench/results/real_model_layout.json``.
 """
 
 import argparse
-import os
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -26,16 +24,12 @@ from bench.common import ApexRun, log, sft_batches, write_json
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint-dir", type=Path,
-                        default=Path(os.environ.get(real_model.CHECKPOINT_ENV, real_model.DEFAULT_CHECKPOINT)))
+    real_model.add_checkpoint_argument(parser)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     plan = real_model.Plan(steps=args.steps)
-    splits = real_model.load_splits(plan)
-    chat = real_model.ChatML(args.checkpoint_dir)
-    state = real_model.load_base_state(args.checkpoint_dir)
-    examples = [chat.example(r, plan.max_len) for r in splits.train]
+    state, examples = real_model.base_and_train_examples(args.checkpoint_dir, plan)
     batches = sft_batches(examples, plan.steps, plan.batch, plan.seed)
     assess_batches = sft_batches(examples, 2, plan.batch, plan.seed + 10_000)
     # Warm-up (allocator, lazy initialisation): otherwise the first timed run pays for it.
