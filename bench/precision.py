@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from apex_tune.dev.tiny import make_tiny_assets
+from apex_tune.training.checkpointing import load_rank_state, read_state_manifest
 from bench.common import write_json
 
 TUNE = str(Path(sys.executable).with_name("tune"))
@@ -50,9 +51,14 @@ def tune_run(assets: Path, out: Path, *overrides: str, kill_at: str = "") -> Non
 
 
 def apex_params(out: Path) -> dict:
-    state = torch.load(out / "apex_recipe_state.pt", weights_only=False)
-    assert state["progress"]["global_step"] == 4, state["progress"]
-    return {k: v.float() for k, v in state["model"].items() if k.rsplit(".", 1)[-1] in KINDS}
+    """The APEX parameters of the run's last resume state (one process: rank 0's shards are
+    the whole tensors), by their names in the model."""
+    manifest = read_state_manifest(out)
+    assert manifest["global_step"] == 4, manifest
+    tensors = load_rank_state(out, manifest, rank=0)["tensors"]
+    prefix = "model."
+    return {k[len(prefix):]: v.float() for k, v in tensors.items()
+            if k.startswith(prefix) and k.rsplit(".", 1)[-1] in KINDS}
 
 
 def initial_l1() -> dict:
