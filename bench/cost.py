@@ -173,16 +173,19 @@ def apex_model(state, settings: ApexSettings, dtype, device, batches) -> tuple:
 
 
 def assessed_model(state, settings: ApexSettings, dtype, device) -> tuple:
-    """The model the recipe's assessment runs on, with its ranker: wrapped as apply_apex
-    leaves it, before stage 1, sharing the frozen base weights. Every wrapper still computes
-    its base linear, so ``score_units`` runs each as that linear alone. The check that finds
-    this (one read of the APEX parameters) is made once per assessment pass in the recipe,
-    so it is made here once, outside the timed batches: the bypass is entered for good."""
+    """The model the recipe's assessment runs on, its ranker, and the bypass held open on it
+    (an ExitStack: keep it, the bypass ends when it is closed or freed). The model is wrapped
+    as apply_apex leaves it, before stage 1, sharing the frozen base weights; every wrapper
+    still computes its base linear, so ``score_units`` runs each as that linear alone. The
+    check that finds this (one read of the APEX parameters) is made once per assessment pass
+    in the recipe, so it is made here once, outside the timed batches: within the open bypass,
+    ``score_units`` checks nothing again."""
     model = base_model(dtype, device, state)
     apply_apex(model, settings)
-    bypassed = contextlib.ExitStack().enter_context(bypass_unchanged_wrappers(model))
+    bypass = contextlib.ExitStack()
+    bypassed = bypass.enter_context(bypass_unchanged_wrappers(model))
     assert bypassed == sum(isinstance(m, _ApexLinear) for m in model.modules()), "a fresh wrapper changed the base"
-    return model, TimedRanker(model, settings)
+    return model, TimedRanker(model, settings), bypass
 
 
 def budget_settings(lora_r8_trainable: int) -> ApexSettings:
@@ -224,7 +227,7 @@ class Method:
     model: nn.Module
     ranker: Optional[TimedRanker] = None
     optimizer: Optional[torch.optim.Optimizer] = None
-    assessed: Optional[tuple] = None  # (model, ranker) of the assessment pass, see assessed_model
+    assessed: Optional[tuple] = None  # (model, ranker, open bypass) of the assessment pass, see assessed_model
 
     def __post_init__(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -246,7 +249,7 @@ class Method:
         """One batch of the assessment pass, as the recipe runs it before stage 1
         (``score_units`` on the freshly wrapped model: a no-grad forward through the base
         linears that stops once the last hook has recorded)."""
-        model, ranker = self.assessed
+        model, ranker, _ = self.assessed
         score_units(model, ranker, [({"tokens": tokens}, None)])
 
 

@@ -50,7 +50,7 @@ def main(argv=None) -> None:
                 forward_without_bypass(model, own_path, tokens, stop=True, mask=labels != IGNORE)
 
         seconds = {}
-        for repeat in range(2):  # the first pass of each warms up (allocator, lazy initialisation)
+        for _ in range(2):  # the first pass of each warms up (allocator, lazy initialisation)
             for name, ranker, run in (("bypass", bypassed, with_bypass), ("own_path", own_path, without_bypass)):
                 ranker.reset()
                 ranker.attach()  # one ranker's hooks at a time
