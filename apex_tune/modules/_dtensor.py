@@ -33,7 +33,7 @@ def collective_device() -> torch.device:
 
 def is_meta(t: torch.Tensor) -> bool:
     """Whether ``t`` (or its local shard) is on the meta device: nothing to read or move yet."""
-    return (t.to_local() if isinstance(t, DTensor) else t).is_meta
+    return local_value(t).is_meta
 
 
 def is_nf4(t: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from apex_tune.modules._dtensor import is_meta
+from apex_tune.modules._dtensor import is_meta, local_value
 from apex_tune.modules.expansion import _ApexLinear
 from apex_tune.modules.layout import base_layout_weights, restore_base_layout_
 from apex_tune.modules.model import (
@@ -104,7 +104,7 @@ def _identity_for_missing(
     restore_base_layout_(module)
     missing: List[str] = []
     device = next(
-        ((v.to_local() if isinstance(v, DTensor) else v).device for v in state_dict.values()), torch.device("cpu")
+        (local_value(v).device for v in state_dict.values()), torch.device("cpu")
     )
     for name, param in module.named_parameters():
         key = prefix + _state_dict_name(name)
@@ -117,7 +117,7 @@ def _identity_for_missing(
 def _after_load(module: nn.Module, incompatible_keys) -> None:
     plain = module._apex_plain
     weight = find_apex_layers(module)[0].attn.v_proj.weight
-    materialize_apex_buffers_(module, (weight.to_local() if isinstance(weight, DTensor) else weight).device)
+    materialize_apex_buffers_(module, local_value(weight).device)
     set_selection(module, plain["selection"] or placeholder_selection(module))
     if plain.pop("loaded_base", False):
         reset_apex_parameters(module, plain["seed"])

@@ -22,6 +22,7 @@ from apex_tune.training.testing import fault_point
 from apex_tune.training.inputs import InputError, safetensors_header
 from apex_tune.training.distributed import build_rope_caches_, check_same_resume_point
 from apex_tune.training.run_options import ConfigError
+from apex_tune.modules._dtensor import local_value
 from apex_tune.modules.layout import channel_layout_state, load_channel_layout_
 from apex_tune.modules.model import (
     apply_apex,
@@ -147,9 +148,9 @@ def local_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     and the FFN channel layout the weights are in."""
     out = channel_layout_state(model)
     for name, value in model.state_dict().items():
-        local = value.to_local() if isinstance(value, DTensor) else value
+        local = local_value(value)
         if not is_nf4(local):
-            out[f"model.{name}"] = local.detach().cpu().contiguous()
+            out[f"model.{name}"] = local.cpu().contiguous()
     return out
 
 
@@ -164,7 +165,7 @@ def load_local_model_state(model: nn.Module, tensors: Dict[str, torch.Tensor], w
         raise CheckpointError(f"{where}: {e}; the state belongs to another model or is damaged") from e
     expected = set()
     for name, value in model.state_dict().items():
-        local = value.to_local() if isinstance(value, DTensor) else value
+        local = local_value(value)
         if is_nf4(local):
             continue
         key = f"model.{name}"
