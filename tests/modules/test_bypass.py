@@ -21,7 +21,8 @@ SETTINGS = ApexSettings(ratio=0.25, tuned_ratio_heads=0.75, tuned_ratio_channels
 
 
 def _wrappers(model):
-    return [m for m in model.modules() if isinstance(m, _ApexLinear)]
+    """Names of the model's APEX wrappers."""
+    return {name for name, m in model.named_modules() if isinstance(m, _ApexLinear)}
 
 
 def _bypassed(model):
@@ -89,7 +90,7 @@ def test_changed_wrappers_keep_their_own_path(what, tokens):
     activations, well inside 1e-5 relative)."""
     model = apply_apex(build_tiny("llama3_gqa"), SETTINGS)
     changed = _change(model, what)
-    everything = {name for name, m in model.named_modules() if isinstance(m, _ApexLinear)}
+    everything = _wrappers(model)
     with torch.no_grad():
         want = model(tokens)
         with bypass_unchanged_wrappers(model) as count:
@@ -118,7 +119,7 @@ def _disagreeing_rank(rank: int, init_file: str) -> None:
         model = apply_apex(build_tiny("llama3_gqa"), SETTINGS)
         # only rank 1's copy changed (as one rank's shard of a sharded delta would be)
         changed = _change(model, "delta") if rank == 1 else {"layers.0.mlp.w3"}
-        everything = {name for name, m in model.named_modules() if isinstance(m, _ApexLinear)}
+        everything = _wrappers(model)
         with bypass_unchanged_wrappers(model):
             assert _bypassed(model) == everything - changed
     finally:
