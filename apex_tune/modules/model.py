@@ -217,7 +217,7 @@ def bypass_unchanged_wrappers(model: nn.Module) -> Iterator[int]:
     (:meth:`~apex_tune.modules.expansion._ApexLinear.computes_base`) runs as that linear
     alone; yields how many do. For forwards that only read activations, such as the
     assessment before stage 1 (every wrapper as apply_apex made it): the same function
-    without the operators' and the delta's work (with the delta in bf16, 12% of the bench
+    without the operators' and the delta's work (with the delta in bf16, a fifth of the bench
     model's assessment batch and a quarter of SmolLM2-135M's: ``python -m bench.assessment_cost``,
     ``python -m bench.real_model_assessment``). A model whose wrappers changed runs
     as before. Under torch.distributed a wrapper is bypassed only if it is unchanged on
